@@ -1,0 +1,130 @@
+"""The adapter's trainable state: soft words, deep offsets and mixture logits."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from peft.tuners.tuners_utils import BasePromptEncoder
+from torch import nn
+
+from .config import SoftMixtureConfig, SoftMixtureInit
+from .tokenization import TemplateLayout
+
+ADAPTER_KEYS = ("soft_words", "mixture_logits", "deep_offsets")
+
+
+class AdapterLoadError(ValueError):
+    """An adapter file that does not fit the adapter it is loaded into."""
+
+
+class SoftMixtureModel(BasePromptEncoder):
+    """
+    The module that holds a mixture of soft prompts for one relation (the part `PromptEmbedding` plays for prompt
+    tuning).
+
+    Args:
+        config ([`SoftMixtureConfig`]): The configuration of the adapter.
+        word_embeddings (`torch.nn.Embedding`): The base model's input embeddings (for `init="template"`).
+        layouts (`list[TemplateLayout]`): The token layout of each template.
+        deep_hidden_size (`int`): The width of the hidden states entering each layer (for deep offsets).
+
+    **Attributes**:
+        - **soft_words** (`torch.nn.Parameter`) -- `[n_soft, embedding_dim]`, the words of all K templates in order.
+        - **deep_offsets** (`torch.nn.Parameter` or `None`) -- `[num_deep_layers, n_soft, hidden]`, zero at start.
+        - **mixture_logits** (`torch.nn.Parameter`) -- `[K]`, the mixture weights are their softmax.
+        - **template_starts** (buffer) -- `[K]`, where each template's words begin in `soft_words`.
+    """
+
+    def __init__(
+        self,
+        config: SoftMixtureConfig,
+        word_embeddings: nn.Embedding,
+        layouts: list[TemplateLayout],
+        deep_hidden_size: int = 0,
+    ):
+        super().__init__()
+        token_ids = torch.tensor([t for layout in layouts for t in layout.token_ids], dtype=torch.long)
+        sizes = [layout.num_soft_words for layout in layouts]
+        starts = torch.tensor([0, *sizes[:-1]], dtype=torch.long).cumsum(0)
+        self.register_buffer("template_starts", starts, persistent=False)
+
+        table = word_embeddings.weight.detach()
+        if SoftMixtureInit(config.init) == SoftMixtureInit.TEMPLATE:
+            init = table[token_ids.to(table.device)].float().clone()
+        else:
+            generator = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
+            mean, std = table.float().mean(0).cpu(), table.float().std(0).cpu()
+            noise = torch.randn(len(token_ids), table.shape[1], generator=generator)
+            init = (mean + std * noise).to(table.device)
+        # adapter tensors stay fp32 whatever the base dtype: they are tiny and fp16 updates would underflow
+        self.soft_words = nn.Parameter(init)
+
+        num_deep = config.num_deep_layers or 0
+        self.deep_offsets = (
+            nn.Parameter(torch.zeros(num_deep, len(token_ids), deep_hidden_size, device=table.device))
+            if num_deep
+            else None
+        )
+        if config.template_weights is not None:
+            logits = torch.tensor([math.log(w) for w in config.template_weights])
+            logits = logits - logits.logsumexp(0)
+        else:
+            logits = torch.zeros(len(layouts))
+        self.mixture_logits = nn.Parameter(logits.to(table.device))
+        self.set_trainable(config.train_prompts, config.train_weights)
+
+    def set_trainable(self, prompts: bool, weights: bool) -> None:
+        self.soft_words.requires_grad_(prompts)
+        if self.deep_offsets is not None:
+            self.deep_offsets.requires_grad_(prompts)
+        self.mixture_logits.requires_grad_(weights)
+
+    def log_weights(self) -> torch.Tensor:
+        """log pi_k, the log mixture weights."""
+        return torch.log_softmax(self.mixture_logits.float(), dim=0)
+
+    def soft_index(self, roles: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+        """Turn per-template word numbers (``roles >= 0``) into rows of `soft_words` (-1 elsewhere)."""
+        starts = self.template_starts[template].unsqueeze(-1)
+        return torch.where(roles >= 0, roles + starts, torch.full_like(roles, -1))
+
+    def forward(self, inputs_embeds: torch.Tensor, soft_index: torch.Tensor) -> torch.Tensor:
+        """Put the soft words in their template positions of ``inputs_embeds``."""
+        soft = self.soft_words.to(inputs_embeds.dtype)[soft_index.clamp(min=0)]
+        return torch.where((soft_index >= 0).unsqueeze(-1), soft, inputs_embeds)
+
+    # -- PEFT's (de)serialisation hooks ------------------------------------------------------------------------
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        encoder = model.prompt_encoder[adapter_name]
+        tensors = {"soft_words": encoder.soft_words, "mixture_logits": encoder.mixture_logits}
+        if encoder.deep_offsets is not None:
+            tensors["deep_offsets"] = encoder.deep_offsets
+        return {name: tensor.detach() for name, tensor in tensors.items()}
+
+    def _load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        expected = {"soft_words": self.soft_words, "mixture_logits": self.mixture_logits}
+        if self.deep_offsets is not None:
+            expected["deep_offsets"] = self.deep_offsets
+        present = {k: v for k, v in state_dict.items() if k in ADAPTER_KEYS}
+        missing = sorted(set(expected) - set(present))
+        unexpected = sorted(set(present) - set(expected))
+        if missing or unexpected:
+            raise AdapterLoadError(
+                f"The adapter weights do not match its config: missing {missing or 'nothing'}, unexpected "
+                f"{unexpected or 'nothing'}. The weights file and adapter_config.json come from different adapters."
+            )
+        for name, param in expected.items():
+            value = present[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise AdapterLoadError(
+                    f"Adapter tensor '{name}' has shape {tuple(value.shape)} but this adapter's layout needs "
+                    f"{tuple(param.shape)}: the weights were trained with other templates, tokenizer or base model."
+                )
+            if not torch.isfinite(value).all():
+                raise AdapterLoadError(f"Adapter tensor '{name}' contains NaN or inf values; the file is corrupted.")
+        with torch.no_grad():
+            for name, param in expected.items():
+                param.copy_(present[name].to(device=param.device, dtype=param.dtype))

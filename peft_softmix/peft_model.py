@@ -1,0 +1,457 @@
+"""`PeftModelForSoftMixture`: the forward pass of a mixture of soft prompts around a frozen masked LM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import ModelOutput
+
+from .config import SoftMixtureConfig
+from .layers import count_layer_calls, deep_prompt_hooks, find_backbone, find_layer_stack, gather_mask_positions
+from .model import AdapterLoadError, SoftMixtureModel
+from .tokenization import EncodedQuery, TemplateLayout, encode_query, object_token_id, template_layout
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SoftMixtureOutput(ModelOutput):
+    """
+    Args:
+        loss: mean of -log p(y|x) over the examples that have a label.
+        log_probs: ``[B, V]`` log of the mixture distribution over the vocabulary at the mask.
+        template_log_probs: ``[B, K, V]`` each template's log p_k(y|x), when asked for.
+        log_weights: ``[K]`` log mixture weights.
+    """
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    template_log_probs: torch.Tensor | None = None
+    log_weights: torch.Tensor | None = None
+
+
+@dataclass
+class _AdapterRuntime:
+    """What an adapter needs at run time besides its tensors (rebuilt from the config, never saved)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    layouts: list[TemplateLayout]
+    cache: dict[tuple[int, str], EncodedQuery]
+
+
+class PeftModelForSoftMixture(PeftModel):
+    """
+    A frozen masked LM queried through a mixture of soft prompts. Built by `get_peft_model(model, SoftMixtureConfig)`
+    or `PeftModel.from_pretrained(model, adapter_dir)` once `peft_softmix` is imported.
+
+    Typical use:
+
+    ```py
+    >>> batch = peft_model.encode(["Dante"], ["Florence"])
+    >>> out = peft_model(**batch)  # out.loss, out.log_probs [B, V]
+    >>> peft_model.query(["Dante"], top_k=5)
+    ```
+    """
+
+    # -- building the adapter --------------------------------------------------------------------------------
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: SoftMixtureConfig,  # type: ignore[override]
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        if not isinstance(peft_config, SoftMixtureConfig):
+            raise TypeError(f"PeftModelForSoftMixture takes a SoftMixtureConfig, got {type(peft_config).__name__}.")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+        self.peft_config[adapter_name] = peft_config
+        try:
+            self._setup_prompt_encoder(adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+
+    def _setup_prompt_encoder(self, adapter_name: str) -> None:
+        config: SoftMixtureConfig = self.peft_config[adapter_name]
+        base = self.base_model
+        for param in base.parameters():
+            param.requires_grad_(False)
+        if not hasattr(self, "prompt_encoder"):
+            self.prompt_encoder = nn.ModuleDict({})
+            self.prompt_tokens = {}
+            self._softmix_runtime: dict[str, _AdapterRuntime] = {}
+        embeddings = base.get_input_embeddings()
+        if not isinstance(embeddings, nn.Embedding):
+            raise TypeError(f"{type(base).__name__} has no input embedding table (get_input_embeddings()).")
+        self.word_embeddings = embeddings
+        tokenizer = self._load_tokenizer(config)
+        layouts = [template_layout(tokenizer, template) for template in config.templates]
+        token_ids = [[list(segment) for segment in layout.segments] for layout in layouts]
+        self._check_compatible(config, tokenizer, token_ids, embeddings)
+        config.template_token_ids = token_ids
+        config.vocab_size = embeddings.num_embeddings
+        config.token_dim = embeddings.embedding_dim
+        config.tokenizer_class = type(tokenizer).__name__
+        config.num_virtual_tokens = sum(layout.num_soft_words for layout in layouts)
+        config.num_transformer_submodules = 1
+
+        probe = self._probe(base, tokenizer, layouts[0], want_layers=bool(config.deep))
+        if config.deep:
+            depth = probe["depth"]
+            wanted = depth if config.deep is True else int(config.deep)
+            if wanted > depth:
+                raise ValueError(f"deep={config.deep} asks for more layers than {type(base).__name__} has ({depth}).")
+            config.num_deep_layers = wanted
+        else:
+            config.num_deep_layers = 0
+        config.num_layers = probe.get("depth")
+
+        encoder = SoftMixtureModel(config, embeddings, layouts, deep_hidden_size=probe.get("hidden_size", 0))
+        self.prompt_encoder.update(nn.ModuleDict({adapter_name: encoder}))
+        self.prompt_tokens[adapter_name] = torch.arange(config.num_virtual_tokens)
+        self._softmix_runtime[adapter_name] = _AdapterRuntime(tokenizer, layouts, {})
+        self._layers = probe.get("layers", getattr(self, "_layers", []))
+        self._gather_ok = probe["gather_ok"]
+
+    def _load_tokenizer(self, config: SoftMixtureConfig) -> PreTrainedTokenizerBase:
+        name = config.tokenizer_name_or_path or config.base_model_name_or_path
+        if not name:
+            raise ValueError(
+                "SoftMixtureConfig needs tokenizer_name_or_path (the base model's tokenizer) when the base model was "
+                "not loaded with from_pretrained."
+            )
+        kwargs = dict(config.tokenizer_kwargs or {})
+        kwargs.pop("trust_remote_code", None)  # an adapter file must not be able to run code
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+
+    def _check_compatible(self, config, tokenizer, token_ids, embeddings: nn.Embedding) -> None:
+        model_name = type(self.base_model).__name__
+        if config.vocab_size is not None and config.vocab_size != embeddings.num_embeddings:
+            raise AdapterLoadError(
+                f"This adapter was trained on a base model with a vocabulary of {config.vocab_size} tokens; "
+                f"{model_name} has {embeddings.num_embeddings}. Load it on the base model it was trained for "
+                f"({config.base_model_name_or_path!r})."
+            )
+        if config.token_dim is not None and config.token_dim != embeddings.embedding_dim:
+            raise AdapterLoadError(
+                f"This adapter's soft words have {config.token_dim} dimensions; {model_name}'s embeddings have "
+                f"{embeddings.embedding_dim}. Load it on the base model it was trained for "
+                f"({config.base_model_name_or_path!r})."
+            )
+        if config.template_token_ids is not None and config.template_token_ids != token_ids:
+            raise AdapterLoadError(
+                f"The tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path!r}) splits this adapter's "
+                f"templates differently from the tokenizer it was trained with ({config.tokenizer_class}); its soft "
+                "words would land on the wrong positions. Use the base model's own tokenizer."
+            )
+        if len(tokenizer) > embeddings.num_embeddings:
+            raise AdapterLoadError(
+                f"The tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} tokens but {model_name}'s embedding "
+                f"table only {embeddings.num_embeddings}: they do not belong together."
+            )
+
+    def _probe(self, base: nn.Module, tokenizer, layout: TemplateLayout, want_layers: bool) -> dict[str, Any]:
+        """One tiny forward pass to measure the layer depth and check that the mask-only head is exact."""
+        query = encode_query(tokenizer, layout, "a")
+        device = self.word_embeddings.weight.device
+        input_ids = torch.tensor([query.input_ids], device=device)
+        kwargs = {"attention_mask": torch.ones_like(input_ids)}
+        info: dict[str, Any] = {}
+        was_training = base.training
+        base.eval()
+        try:
+            with torch.no_grad():
+                layers = find_layer_stack(base) if want_layers else []
+                with count_layer_calls(layers) as counter:
+                    full = base(input_ids=input_ids, **kwargs).logits[0, query.mask_position].float()
+                if want_layers:
+                    if not counter.calls:
+                        raise ValueError(
+                            f"Could not find the transformer layers of {type(base).__name__} for deep prompts; "
+                            "use deep=False."
+                        )
+                    info.update(layers=layers, depth=counter.calls, hidden_size=counter.hidden_size)
+                backbone = find_backbone(base)
+                info["gather_ok"] = False
+                if backbone is not None:
+                    try:
+                        with gather_mask_positions(backbone, torch.tensor([query.mask_position], device=device)):
+                            picked = base(input_ids=input_ids, **kwargs).logits
+                        info["gather_ok"] = picked.shape[1] == 1 and torch.allclose(
+                            picked[0, 0].float(), full, atol=1e-4, rtol=1e-4
+                        )
+                    except Exception:  # an exotic head: fall back to the full logits, which is always right
+                        info["gather_ok"] = False
+        finally:
+            base.train(was_training)
+        return info
+
+    # -- inputs ----------------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._softmix_runtime[self.active_adapter].tokenizer
+
+    def encode(
+        self, subjects: Sequence[str], objects: Sequence[str | None] | None = None, device: Any = None
+    ) -> dict[str, torch.Tensor]:
+        """Fill every template with every subject: tensors of shape ``[B, K, T]`` plus mask positions and labels.
+
+        ``labels[b]`` is the object's token id, or -100 when it is not one token (or not given).
+        """
+        runtime = self._softmix_runtime[self.active_adapter]
+        tokenizer = runtime.tokenizer
+        queries = []
+        for subject in subjects:
+            for k, layout in enumerate(runtime.layouts):
+                key = (k, subject)
+                if key not in runtime.cache:
+                    runtime.cache[key] = encode_query(tokenizer, layout, subject)
+                queries.append(runtime.cache[key])
+        B, K = len(subjects), len(runtime.layouts)
+        T = max(len(q.input_ids) for q in queries)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((B * K, T), pad, dtype=torch.long)
+        attention_mask = torch.zeros((B * K, T), dtype=torch.long)
+        roles = torch.full((B * K, T), -1, dtype=torch.long)
+        for row, query in enumerate(queries):
+            n = len(query.input_ids)
+            input_ids[row, :n] = torch.tensor(query.input_ids)
+            attention_mask[row, :n] = 1
+            roles[row, :n] = torch.tensor(query.roles)
+        mask_positions = torch.tensor([q.mask_position for q in queries])
+        labels = torch.full((B,), IGNORE_INDEX, dtype=torch.long)
+        if objects is not None:
+            for b, obj in enumerate(objects):
+                token = object_token_id(tokenizer, obj) if obj is not None else None
+                labels[b] = IGNORE_INDEX if token is None else token
+        batch = {
+            "input_ids": input_ids.view(B, K, T),
+            "attention_mask": attention_mask.view(B, K, T),
+            "roles": roles.view(B, K, T),
+            "mask_positions": mask_positions.view(B, K),
+            "labels": labels,
+        }
+        if device is not None:
+            batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        return batch
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        roles: torch.Tensor,
+        mask_positions: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        candidate_mask: torch.Tensor | None = None,
+        return_template_log_probs: bool = False,
+        **kwargs: Any,
+    ) -> SoftMixtureOutput:
+        """Score the mask of every filled template and mix: log p(y|x) = logsumexp_k(log pi_k + log p_k(y|x)).
+
+        Args:
+            input_ids, attention_mask, roles: ``[B, K, T]`` from `encode` (``roles >= 0`` marks template words).
+            mask_positions: ``[B, K]``.
+            labels: ``[B]`` gold object token ids (-100 to ignore); gives ``loss``.
+            candidate_mask: ``[V]`` bool, restricts the distribution to these tokens (e.g. LAMA's common vocab).
+        """
+        B, K, T = input_ids.shape
+        encoder: SoftMixtureModel = self.prompt_encoder[self.active_adapter]
+        if K != len(encoder.template_starts):
+            raise ValueError(f"The batch has {K} templates per fact but adapter '{self.active_adapter}' has "
+                             f"{len(encoder.template_starts)}; encode it with this adapter active.")
+        flat_ids = input_ids.reshape(B * K, T)
+        flat_mask = mask_positions.reshape(B * K)
+        template = torch.arange(K, device=input_ids.device).repeat(B)
+        soft_index = encoder.soft_index(roles.reshape(B * K, T), template)
+        embeds = self.word_embeddings(flat_ids)
+        active = not self._adapters_disabled
+        if active:
+            embeds = encoder(embeds, soft_index)
+        with ExitStack() as stack:
+            if active and encoder.deep_offsets is not None:
+                stack.enter_context(deep_prompt_hooks(self._layers, encoder.deep_offsets, soft_index))
+            if self._gather_ok:
+                stack.enter_context(gather_mask_positions(find_backbone(self.base_model), flat_mask))
+            logits = self.base_model(inputs_embeds=embeds, attention_mask=attention_mask.reshape(B * K, T)).logits
+        if self._gather_ok:
+            logits = logits[:, 0]
+        else:
+            logits = logits[torch.arange(B * K, device=logits.device), flat_mask]
+        logits = logits.float()
+        if candidate_mask is not None:
+            logits = logits.masked_fill(~candidate_mask.to(logits.device), float("-inf"))
+        template_log_probs = torch.log_softmax(logits, dim=-1).view(B, K, -1)
+        log_weights = encoder.log_weights() if active else torch.full((K,), -torch.log(torch.tensor(float(K))))
+        log_weights = log_weights.to(template_log_probs.device)
+        log_probs = torch.logsumexp(template_log_probs + log_weights[None, :, None], dim=1)
+        loss = None
+        if labels is not None:
+            keep = labels != IGNORE_INDEX
+            if keep.any():
+                gold = log_probs[keep].gather(1, labels[keep].unsqueeze(1)).squeeze(1)
+                loss = -gold.mean()
+        return SoftMixtureOutput(
+            loss=loss,
+            log_probs=log_probs,
+            template_log_probs=template_log_probs if return_template_log_probs else None,
+            log_weights=log_weights,
+        )
+
+    @torch.inference_mode()
+    def query(
+        self,
+        subjects: Sequence[str],
+        top_k: int = 10,
+        return_template_probs: bool = False,
+        candidate_ids: Sequence[int] | None = None,
+        batch_size: int = 64,
+    ) -> list[dict[str, Any]]:
+        """The top-k fillers of ``[Y]`` for each subject, with their mixture probabilities.
+
+        Returns one dict per subject: ``{"subject", "predictions": [(token, prob), ...]}`` and, with
+        ``return_template_probs``, ``"templates": [{"template", "weight", "predictions"}, ...]``.
+        """
+        was_training = self.training
+        self.eval()
+        tokenizer = self.tokenizer
+        runtime = self._softmix_runtime[self.active_adapter]
+        device = self.word_embeddings.weight.device
+        candidate_mask = None
+        if candidate_ids is not None:
+            candidate_mask = torch.zeros(self.word_embeddings.num_embeddings, dtype=torch.bool, device=device)
+            candidate_mask[torch.as_tensor(list(candidate_ids), device=device)] = True
+
+        def top(log_probs: torch.Tensor) -> list[tuple[str, float]]:
+            values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]))
+            tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
+            return [(token, float(v.exp())) for token, v in zip(tokens, values)]
+
+        results: list[dict[str, Any]] = []
+        try:
+            for start in range(0, len(subjects), batch_size):
+                chunk = list(subjects[start : start + batch_size])
+                batch = self.encode(chunk, device=device)
+                batch.pop("labels")
+                out = self(**batch, candidate_mask=candidate_mask, return_template_log_probs=return_template_probs)
+                weights = out.log_weights.exp().tolist()
+                for b, subject in enumerate(chunk):
+                    item: dict[str, Any] = {"subject": subject, "predictions": top(out.log_probs[b])}
+                    if return_template_probs:
+                        item["templates"] = [
+                            {"template": layout.template, "weight": weights[k], "predictions": top(out.template_log_probs[b, k])}
+                            for k, layout in enumerate(runtime.layouts)
+                        ]
+                    results.append(item)
+        finally:
+            self.train(was_training)
+        return results
+
+    def mixture_weights(self, adapter_name: str | None = None) -> list[float]:
+        """The mixture weights pi_k of an adapter (the active one by default)."""
+        encoder = self.prompt_encoder[adapter_name or self.active_adapter]
+        return encoder.log_weights().exp().tolist()
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Query with the hard templates and a uniform mixture (the frozen model alone)."""
+        was_disabled = self._adapters_disabled
+        self._adapters_disabled = True
+        try:
+            yield
+        finally:
+            self._adapters_disabled = was_disabled
+
+    # -- saving and loading ----------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:  # type: ignore[override]
+        """Save the adapter files atomically: a crash mid-save leaves the previous files intact."""
+        if not kwargs.get("is_main_process", True):
+            return
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory.")
+        parent = os.path.dirname(os.path.abspath(save_directory))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".softmix-save-", dir=parent)
+        try:
+            super().save_pretrained(staging, **kwargs)
+            os.makedirs(save_directory, exist_ok=True)
+            for root, _, files in os.walk(staging):
+                target_dir = os.path.join(save_directory, os.path.relpath(root, staging))
+                os.makedirs(target_dir, exist_ok=True)
+                for name in files:
+                    os.replace(os.path.join(root, name), os.path.join(target_dir, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args: Any, **kwargs: Any):
+        try:
+            return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+        except AdapterLoadError as err:
+            raise AdapterLoadError(f"{os.fspath(model_id)}: {err}") from None
+        except Exception as err:
+            if "safetensors" in type(err).__module__ or "Safetensor" in type(err).__name__ or "deserializ" in str(err):
+                raise AdapterLoadError(
+                    f"{os.path.join(os.fspath(model_id), 'adapter_model.safetensors')} cannot be read ({err}); the "
+                    "file is truncated or corrupted. Save the adapter again or download it afresh."
+                ) from None
+            raise
+
+    @classmethod
+    def from_pretrained(cls, model, model_id, adapter_name: str = "default", is_trainable: bool = False, **kwargs):
+        """Like `PeftModel.from_pretrained`, and ``is_trainable=True`` resumes training the adapter."""
+        peft_model = super().from_pretrained(model, model_id, adapter_name, is_trainable=False, **kwargs)
+        if is_trainable:
+            config = peft_model.peft_config[adapter_name]
+            config.inference_mode = False
+            peft_model.prompt_encoder[adapter_name].set_trainable(config.train_prompts, config.train_weights)
+            peft_model.train()
+        return peft_model
+
+    def _get_peft_specific_model_tags(self) -> list[str]:
+        return ["peft", "peft_softmix", "soft-prompts", "mixture-of-soft-prompts", "fill-mask", "lama"]
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        super().create_or_update_model_card(output_dir)
+        path = os.path.join(output_dir, "README.md")
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        if "import peft_softmix" in card:
+            return
+        config = self.active_peft_config
+        templates = "\n".join(f"- `{t}`" for t in config.templates)
+        usage = f"""
+## Using this adapter
+
+A mixture of {len(config.templates)} soft prompts (Qin & Eisner, NAACL 2021) for a frozen masked LM, made with
+[peft_softmix](https://pypi.org/project/peft-softmix/). Import `peft_softmix` first: it registers the method with PEFT.
+
+```python
+import peft_softmix  # registers SOFT_MIXTURE with PEFT
+from peft import PeftModel
+from transformers import AutoModelForMaskedLM
+
+base = AutoModelForMaskedLM.from_pretrained("{config.base_model_name_or_path}")
+model = PeftModel.from_pretrained(base, "<this repo or folder>")
+print(model.query(["Dante"], top_k=5))
+```
+
+Templates (deep prompts: {bool(config.num_deep_layers)}):
+{templates}
+"""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(card.rstrip() + "\n" + usage)

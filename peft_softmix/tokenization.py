@@ -1,0 +1,216 @@
+"""Where every token of a filled cloze template comes from.
+
+A LAMA template such as ``"[X] was born in [Y] ."`` is filled with a subject and the tokenizer's mask token and
+tokenised *as one sentence*, exactly as the base model would see it. Character offsets then tell, for every
+token, whether it belongs to the subject, is the mask, or is a template word (which becomes a soft word).
+Working from the filled sentence, rather than from separately tokenised pieces, keeps WordPiece, byte-level BPE and
+SentencePiece tokenizers all honest about spaces and merges.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+SUBJECT_SLOT = "[X]"
+OBJECT_SLOT = "[Y]"
+
+# Token roles in an encoded example.
+HARD = -1  # special tokens (CLS/SEP/BOS/EOS) and anything that keeps its frozen embedding
+SUBJECT = -2
+MASK = -3
+
+
+class TemplateError(ValueError):
+    """A template that cannot be used as a cloze query."""
+
+
+@dataclass(frozen=True)
+class TemplateLayout:
+    """The canonical tokenisation of one template's own words.
+
+    Attributes:
+        template: The template text, e.g. ``"[X] was born in [Y] ."``.
+        segments: Token ids of the template words in each of the three stretches of text around the two slots
+            (before the first slot, between them, after the second).
+    """
+
+    template: str
+    segments: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for seg in self.segments for t in seg]
+
+    @property
+    def num_soft_words(self) -> int:
+        return sum(len(seg) for seg in self.segments)
+
+
+@dataclass(frozen=True)
+class EncodedQuery:
+    """One filled template, ready for the model.
+
+    ``roles[i]`` is the soft-word index (``>= 0``, counted within the template) of token ``i``, or one of
+    `HARD`, `SUBJECT`, `MASK`. ``mismatched`` is True when the subject changed how a template word was tokenised
+    (those words then keep their hard embedding for this query).
+    """
+
+    input_ids: list[int]
+    roles: list[int]
+    mask_position: int
+    mismatched: bool = False
+
+
+def validate_template(template: str) -> None:
+    """Raise `TemplateError` unless ``template`` has exactly one ``[X]`` and one ``[Y]``."""
+    if not isinstance(template, str) or not template.strip():
+        raise TemplateError(f"Template {template!r} is empty. Write it like '[X] was born in [Y] .'.")
+    for slot, what in ((SUBJECT_SLOT, "subject"), (OBJECT_SLOT, "object")):
+        n = template.count(slot)
+        if n == 0:
+            raise TemplateError(
+                f"Template {template!r} has no {slot} slot (the {what}). Write it like '[X] was born in [Y] .'."
+            )
+        if n > 1:
+            raise TemplateError(
+                f"Template {template!r} has {n} {slot} slots; a cloze template needs exactly one {slot} "
+                f"(the {what})."
+            )
+
+
+def require_mask_token(tokenizer: PreTrainedTokenizerBase) -> str:
+    mask = tokenizer.mask_token
+    if mask is None or tokenizer.mask_token_id is None:
+        raise TemplateError(
+            f"The tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path!r}) has no mask token, so it cannot "
+            "fill [Y]. Use the tokenizer of a masked language model (one that AutoModelForMaskedLM loads)."
+        )
+    if not tokenizer.is_fast:
+        raise TemplateError(
+            f"The tokenizer {type(tokenizer).__name__} is a slow (Python) tokenizer without character offsets. "
+            "Load it with AutoTokenizer.from_pretrained(..., use_fast=True)."
+        )
+    return mask
+
+
+def _fill(template: str, subject: str, mask: str) -> tuple[str, tuple[int, int], tuple[int, int]]:
+    """Fill both slots; return the text and the character spans of the subject and the mask."""
+    parts = re.split(r"(\[X\]|\[Y\])", template)
+    text, subject_span, mask_span = "", (0, 0), (0, 0)
+    for part in parts:
+        start = len(text)
+        if part == SUBJECT_SLOT:
+            text += subject
+            subject_span = (start, len(text))
+        elif part == OBJECT_SLOT:
+            text += mask
+            mask_span = (start, len(text))
+        else:
+            text += part
+    return text, subject_span, mask_span
+
+
+def _overlaps(start: int, end: int, span: tuple[int, int]) -> bool:
+    if start == end:  # an empty-span token (e.g. a bare SentencePiece '▁') sits where it starts
+        return span[0] <= start < span[1]
+    return start < span[1] and span[0] < end
+
+
+def _tokenise(tokenizer: PreTrainedTokenizerBase, template: str, subject: str) -> tuple[list[int], list[int], int]:
+    """Return input ids, per-token kind (HARD/SUBJECT/MASK, or the template stretch 0..2) and the mask position."""
+    mask = require_mask_token(tokenizer)
+    text, subject_span, mask_span = _fill(template, subject, mask)
+    enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    ids: list[int] = enc["input_ids"]
+    first_slot_start = min(subject_span[0], mask_span[0])
+    second_slot_start = max(subject_span[0], mask_span[0])
+    kinds, mask_position = [], -1
+    for i, ((start, end), special) in enumerate(zip(enc["offset_mapping"], enc["special_tokens_mask"])):
+        if ids[i] == tokenizer.mask_token_id and mask_position < 0 and _overlaps(start, end, mask_span):
+            kinds.append(MASK)
+            mask_position = i
+        elif special or (start == end == 0 and ids[i] in tokenizer.all_special_ids):
+            kinds.append(HARD)
+        elif _overlaps(start, end, subject_span):
+            kinds.append(SUBJECT)
+        elif _overlaps(start, end, mask_span):
+            kinds.append(HARD)  # a piece glued to the mask token (some tokenizers emit its space separately)
+        elif start < first_slot_start:
+            kinds.append(0)
+        elif start < second_slot_start:
+            kinds.append(1)
+        else:
+            kinds.append(2)
+    if mask_position < 0:
+        raise TemplateError(
+            f"The mask token {mask!r} disappeared when tokenising {text!r}; the tokenizer "
+            f"{type(tokenizer).__name__} does not treat it as one token."
+        )
+    return ids, kinds, mask_position
+
+
+def template_layout(tokenizer: PreTrainedTokenizerBase, template: str) -> TemplateLayout:
+    """Tokenise ``template``'s own words as they appear in a filled sentence.
+
+    The subject slot is filled with the mask token for this: special tokens are split off by every tokenizer
+    family, so the template words come out as they do next to any subject that starts and ends on a word
+    boundary.
+    """
+    validate_template(template)
+    mask = require_mask_token(tokenizer)
+    ids, kinds, _ = _tokenise(tokenizer, template, mask)
+    segments: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for tok, kind in zip(ids, kinds):
+        if kind >= 0:
+            segments[kind].append(tok)
+    if not any(segments):
+        raise TemplateError(f"Template {template!r} has no words besides [X] and [Y]: there is nothing to tune.")
+    return TemplateLayout(template, (tuple(segments[0]), tuple(segments[1]), tuple(segments[2])))
+
+
+def encode_query(tokenizer: PreTrainedTokenizerBase, layout: TemplateLayout, subject: str) -> EncodedQuery:
+    """Tokenise ``layout.template`` filled with ``subject`` and the mask, and give every token its role.
+
+    Template words are numbered 0..n-1 in template order; a stretch of template words whose tokens came out
+    differently next to this subject keeps its hard embeddings (``mismatched`` is then set).
+    """
+    if not subject or not subject.strip():
+        raise TemplateError(f"Empty subject for template {layout.template!r}.")
+    ids, kinds, mask_position = _tokenise(tokenizer, layout.template, subject)
+    roles: list[int] = []
+    seen: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for tok, kind in zip(ids, kinds):
+        if kind >= 0:
+            seen[kind].append(tok)
+    ok = [tuple(seen[s]) == layout.segments[s] for s in range(3)]
+    offsets = [0, len(layout.segments[0]), len(layout.segments[0]) + len(layout.segments[1])]
+    position_in_segment = [0, 0, 0]
+    for kind in kinds:
+        if kind >= 0:
+            if ok[kind]:
+                roles.append(offsets[kind] + position_in_segment[kind])
+            else:
+                roles.append(HARD)
+            position_in_segment[kind] += 1
+        else:
+            roles.append(kind)
+    return EncodedQuery(ids, roles, mask_position, mismatched=not all(ok))
+
+
+def object_token_id(tokenizer: PreTrainedTokenizerBase, obj: str) -> int | None:
+    """The single token id that ``obj`` is when it fills ``[Y]`` after a space, or None if it is not one token.
+
+    WordPiece gives ``Paris``, byte-level BPE ``ĠParis``, SentencePiece ``▁Paris``.
+    """
+    if not obj or not obj.strip() or obj != obj.strip():
+        return None
+    pieces = [p for p in tokenizer.tokenize(" " + obj) if p not in ("▁", "Ġ", "")]
+    if len(pieces) != 1:
+        return None
+    token_id = tokenizer.convert_tokens_to_ids(pieces[0])
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        return None
+    return int(token_id)
