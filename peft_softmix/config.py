@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PromptLearningConfig
 
@@ -51,32 +50,32 @@ class SoftMixtureConfig(PromptLearningConfig):
     """
 
     templates: list[str] = field(default_factory=list, metadata={"help": "Cloze templates with [X] and [Y]."})
-    tokenizer_name_or_path: Optional[str] = field(
+    tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "The base model's tokenizer (defaults to the base model's name or path)."}
     )
-    tokenizer_kwargs: Optional[dict] = field(
+    tokenizer_kwargs: dict | None = field(
         default=None, metadata={"help": "Keyword arguments passed to `AutoTokenizer.from_pretrained`."}
     )
-    init: Union[SoftMixtureInit, str] = field(
+    init: SoftMixtureInit | str = field(
         default=SoftMixtureInit.TEMPLATE,
         metadata={"help": "'template' (the token embeddings) or 'random' (same layout, random vectors)."},
     )
-    deep: Union[bool, int] = field(
+    deep: bool | int = field(
         default=False, metadata={"help": "Per-layer offsets at template positions: True (all layers) or a count."}
     )
     train_prompts: bool = field(default=True, metadata={"help": "Train the soft words and deep offsets."})
     train_weights: bool = field(default=True, metadata={"help": "Train the mixture weights."})
-    template_weights: Optional[list[float]] = field(
+    template_weights: list[float] | None = field(
         default=None, metadata={"help": "Initial mixture weights (normalised); uniform if not given."}
     )
-    seed: Optional[int] = field(default=None, metadata={"help": "Seed for init='random'."})
+    seed: int | None = field(default=None, metadata={"help": "Seed for init='random'."})
     # Written when the adapter is created, checked when it is loaded: the layout must come out the same.
-    template_token_ids: Optional[list[list[list[int]]]] = field(
+    template_token_ids: list[list[list[int]]] | None = field(
         default=None, metadata={"help": "Filled in automatically: each template's token ids around its slots."}
     )
-    vocab_size: Optional[int] = field(default=None, metadata={"help": "Filled in automatically: base vocabulary."})
-    tokenizer_class: Optional[str] = field(default=None, metadata={"help": "Filled in automatically."})
-    num_deep_layers: Optional[int] = field(default=None, metadata={"help": "Filled in automatically."})
+    vocab_size: int | None = field(default=None, metadata={"help": "Filled in automatically: base vocabulary."})
+    tokenizer_class: str | None = field(default=None, metadata={"help": "Filled in automatically."})
+    num_deep_layers: int | None = field(default=None, metadata={"help": "Filled in automatically."})
     format_version: int = field(default=CONFIG_FORMAT_VERSION, metadata={"help": "Adapter file format version."})
 
     def __post_init__(self):

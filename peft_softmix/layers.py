@@ -74,9 +74,7 @@ def count_layer_calls(layers: list[nn.Module]) -> Iterator[LayerCallCounter]:
 
 
 @contextmanager
-def deep_prompt_hooks(
-    layers: list[nn.Module], offsets: torch.Tensor, soft_index: torch.Tensor
-) -> Iterator[None]:
+def deep_prompt_hooks(layers: list[nn.Module], offsets: torch.Tensor, soft_index: torch.Tensor) -> Iterator[None]:
     """Add ``offsets[l][soft_index]`` to the hidden state entering the l-th layer call, for l < len(offsets).
 
     ``offsets`` is ``[L, n_soft, H]``; ``soft_index`` is ``[N, T]`` with -1 where no offset applies.

@@ -271,9 +271,11 @@ class PeftModelForSoftMixture(PeftModel):
         """
         B, K, T = input_ids.shape
         encoder: SoftMixtureModel = self.prompt_encoder[self.active_adapter]
-        if K != len(encoder.template_starts):
-            raise ValueError(f"The batch has {K} templates per fact but adapter '{self.active_adapter}' has "
-                             f"{len(encoder.template_starts)}; encode it with this adapter active.")
+        if len(encoder.template_starts) != K:
+            raise ValueError(
+                f"The batch has {K} templates per fact but adapter '{self.active_adapter}' has "
+                f"{len(encoder.template_starts)}; encode it with this adapter active."
+            )
         flat_ids = input_ids.reshape(B * K, T)
         flat_mask = mask_positions.reshape(B * K)
         template = torch.arange(K, device=input_ids.device).repeat(B)
@@ -288,10 +290,8 @@ class PeftModelForSoftMixture(PeftModel):
             if self._gather_ok:
                 stack.enter_context(gather_mask_positions(find_backbone(self.base_model), flat_mask))
             logits = self.base_model(inputs_embeds=embeds, attention_mask=attention_mask.reshape(B * K, T)).logits
-        if self._gather_ok:
-            logits = logits[:, 0]
-        else:
-            logits = logits[torch.arange(B * K, device=logits.device), flat_mask]
+        # with the mask-only head the logits are already [N, 1, V]
+        logits = logits[:, 0] if self._gather_ok else logits[torch.arange(B * K, device=logits.device), flat_mask]
         logits = logits.float()
         if candidate_mask is not None:
             logits = logits.masked_fill(~candidate_mask.to(logits.device), float("-inf"))
@@ -353,7 +353,11 @@ class PeftModelForSoftMixture(PeftModel):
                     item: dict[str, Any] = {"subject": subject, "predictions": top(out.log_probs[b])}
                     if return_template_probs:
                         item["templates"] = [
-                            {"template": layout.template, "weight": weights[k], "predictions": top(out.template_log_probs[b, k])}
+                            {
+                                "template": layout.template,
+                                "weight": weights[k],
+                                "predictions": top(out.template_log_probs[b, k]),
+                            }
                             for k, layout in enumerate(runtime.layouts)
                         ]
                     results.append(item)

@@ -76,8 +76,7 @@ def validate_template(template: str) -> None:
             )
         if n > 1:
             raise TemplateError(
-                f"Template {template!r} has {n} {slot} slots; a cloze template needs exactly one {slot} "
-                f"(the {what})."
+                f"Template {template!r} has {n} {slot} slots; a cloze template needs exactly one {slot} (the {what})."
             )
 
 
