@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import enum
+import json
+import os
 from dataclasses import dataclass, field
 
 from peft.config import PromptLearningConfig
+from peft.utils import CONFIG_NAME
 
 from .tokenization import validate_template
 
 PEFT_TYPE = "SOFT_MIXTURE"
 TASK_TYPE = "SOFT_MIXTURE"
 CONFIG_FORMAT_VERSION = 1
+# Written by `PeftModelForSoftMixture` when the adapter is created; a saved adapter without them was not written by
+# peft_softmix, or was edited, and its soft words could not be checked against the tokenizer.
+SAVED_KEYS = ("peft_type", "templates", "template_token_ids", "vocab_size", "token_dim")
+
+
+class AdapterLoadError(ValueError):
+    """An adapter file that cannot be read, or does not fit the adapter or base model it is loaded into."""
 
 
 class SoftMixtureInit(str, enum.Enum):
@@ -125,3 +135,63 @@ class SoftMixtureConfig(PromptLearningConfig):
         output = super().to_dict()
         output["init"] = SoftMixtureInit(self.init).value
         return output
+
+    # -- reading a saved adapter_config.json: every error names the file ---------------------------------------
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs) -> dict:
+        try:
+            with open(path_json_file, encoding="utf-8") as file:
+                attributes = json.load(file)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise AdapterLoadError(
+                f"{path_json_file} is not valid JSON ({err}): the file is truncated or was edited by hand. Save the "
+                "adapter again, or restore the file."
+            ) from None
+        if not isinstance(attributes, dict):
+            raise AdapterLoadError(
+                f"{path_json_file} holds a JSON {type(attributes).__name__}, not the object of an adapter config."
+            )
+        missing = [key for key in SAVED_KEYS if key not in attributes]
+        if missing:
+            raise AdapterLoadError(
+                f"{path_json_file} lacks {missing}, which peft_softmix writes into every saved adapter: the file was "
+                "edited by hand or does not come from peft_softmix. Restore it from the adapter's original files."
+            )
+        if attributes["peft_type"] != PEFT_TYPE:
+            raise AdapterLoadError(
+                f"{path_json_file} has peft_type {attributes['peft_type']!r}, not {PEFT_TYPE!r}: it is not a mixture "
+                "of soft prompts adapter. Load it with the PEFT class it was made with."
+            )
+        version = attributes.get("format_version", CONFIG_FORMAT_VERSION)
+        if not isinstance(version, int) or version > CONFIG_FORMAT_VERSION:
+            raise AdapterLoadError(
+                f"{path_json_file} was written in format version {version!r}, newer than this peft_softmix "
+                f"understands ({CONFIG_FORMAT_VERSION}). Upgrade peft_softmix: pip install -U peft-softmix."
+            )
+        templates, token_ids = attributes["templates"], attributes["template_token_ids"]
+        # null in a config saved on its own, before any model filled it in; then the weights' shapes are the check
+        if token_ids is not None and (
+            not isinstance(templates, list) or not isinstance(token_ids, list) or len(templates) != len(token_ids)
+        ):
+            raise AdapterLoadError(
+                f"{path_json_file} lists {len(templates) if isinstance(templates, list) else templates!r} templates "
+                f"but token ids for {len(token_ids) if isinstance(token_ids, list) else token_ids!r}: the templates "
+                "were edited after training. Restore the templates the adapter was trained with."
+            )
+        attributes.pop("runtime_config", None)  # runtime-only, never meaningful in a file
+        return attributes
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        source = os.path.join(folder, CONFIG_NAME)
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except AdapterLoadError:
+            raise
+        except (ValueError, TypeError) as err:
+            raise AdapterLoadError(f"{source}: {err}") from err
+        # lets the checks against the base model and tokenizer name the file (not a field: never saved)
+        config._source_file = source
+        return config

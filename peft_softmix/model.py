@@ -8,14 +8,11 @@ import torch
 from peft.tuners.tuners_utils import BasePromptEncoder
 from torch import nn
 
-from .config import SoftMixtureConfig, SoftMixtureInit
+from .config import AdapterLoadError, SoftMixtureConfig, SoftMixtureInit
 from .tokenization import TemplateLayout
 
 ADAPTER_KEYS = ("soft_words", "mixture_logits", "deep_offsets")
-
-
-class AdapterLoadError(ValueError):
-    """An adapter file that does not fit the adapter it is loaded into."""
+__all__ = ["ADAPTER_KEYS", "AdapterLoadError", "SoftMixtureModel"]
 
 
 class SoftMixtureModel(BasePromptEncoder):
@@ -46,7 +43,8 @@ class SoftMixtureModel(BasePromptEncoder):
         super().__init__()
         token_ids = torch.tensor([t for layout in layouts for t in layout.token_ids], dtype=torch.long)
         sizes = [layout.num_soft_words for layout in layouts]
-        starts = torch.tensor([0, *sizes[:-1]], dtype=torch.long).cumsum(0)
+        # on the embeddings' device, like the parameters: get_peft_model on a base already on the GPU moves nothing
+        starts = torch.tensor([0, *sizes[:-1]], dtype=torch.long, device=word_embeddings.weight.device).cumsum(0)
         self.register_buffer("template_starts", starts, persistent=False)
 
         table = word_embeddings.weight.detach()
@@ -72,7 +70,9 @@ class SoftMixtureModel(BasePromptEncoder):
         else:
             logits = torch.zeros(len(layouts))
         self.mixture_logits = nn.Parameter(logits.to(table.device))
-        self.set_trainable(config.train_prompts, config.train_weights)
+        # loaded for inference (PeftModel.from_pretrained without is_trainable), the adapter stays frozen as in PEFT
+        trainable = not config.inference_mode
+        self.set_trainable(config.train_prompts and trainable, config.train_weights and trainable)
 
     def set_trainable(self, prompts: bool, weights: bool) -> None:
         self.soft_words.requires_grad_(prompts)
@@ -108,7 +108,8 @@ class SoftMixtureModel(BasePromptEncoder):
         expected = {"soft_words": self.soft_words, "mixture_logits": self.mixture_logits}
         if self.deep_offsets is not None:
             expected["deep_offsets"] = self.deep_offsets
-        present = {k: v for k, v in state_dict.items() if k in ADAPTER_KEYS}
+        # every tensor in the file must be one this adapter has: a stray one means the file was assembled by hand
+        present = dict(state_dict)
         missing = sorted(set(expected) - set(present))
         unexpected = sorted(set(present) - set(expected))
         if missing or unexpected:
@@ -122,6 +123,11 @@ class SoftMixtureModel(BasePromptEncoder):
                 raise AdapterLoadError(
                     f"Adapter tensor '{name}' has shape {tuple(value.shape)} but this adapter's layout needs "
                     f"{tuple(param.shape)}: the weights were trained with other templates, tokenizer or base model."
+                )
+            if not value.is_floating_point():
+                raise AdapterLoadError(
+                    f"Adapter tensor '{name}' has dtype {value.dtype}, not a floating point type; the file was not "
+                    "written by peft_softmix or was edited."
                 )
             if not torch.isfinite(value).all():
                 raise AdapterLoadError(f"Adapter tensor '{name}' contains NaN or inf values; the file is corrupted.")

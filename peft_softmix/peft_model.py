@@ -7,17 +7,28 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download
 from peft import PeftModel
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
+from .architectures import check_supported, input_embeddings, layer_stack
 from .config import SoftMixtureConfig
-from .layers import count_layer_calls, deep_prompt_hooks, find_backbone, find_layer_stack, gather_mask_positions
+from .layers import (
+    count_layer_calls,
+    deep_prompt_hooks,
+    find_backbone,
+    gather_mask_positions,
+    soft_word_embeddings,
+    tied_embedding_modules,
+)
 from .model import AdapterLoadError, SoftMixtureModel
 from .tokenization import EncodedQuery, TemplateLayout, encode_query, object_token_id, template_layout
 
@@ -47,6 +58,9 @@ class _AdapterRuntime:
     tokenizer: PreTrainedTokenizerBase
     layouts: list[TemplateLayout]
     cache: dict[tuple[int, str], EncodedQuery]
+    # the same queries as [T, 2] tensors of (input id, role), and objects' token ids: what `encode` collates
+    rows: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    object_ids: dict[str | None, int | None] = field(default_factory=dict)
 
 
 class PeftModelForSoftMixture(PeftModel):
@@ -79,8 +93,11 @@ class PeftModelForSoftMixture(PeftModel):
         self.peft_config[adapter_name] = peft_config
         try:
             self._setup_prompt_encoder(adapter_name)
-        except Exception:
+        except Exception as err:
             del self.peft_config[adapter_name]
+            source = getattr(peft_config, "_source_file", None)
+            if source and isinstance(err, (ValueError, OSError)) and source not in str(err):
+                raise AdapterLoadError(f"{source}: {err}") from err
             raise
 
     def _setup_prompt_encoder(self, adapter_name: str) -> None:
@@ -92,9 +109,8 @@ class PeftModelForSoftMixture(PeftModel):
             self.prompt_encoder = nn.ModuleDict({})
             self.prompt_tokens = {}
             self._softmix_runtime: dict[str, _AdapterRuntime] = {}
-        embeddings = base.get_input_embeddings()
-        if not isinstance(embeddings, nn.Embedding):
-            raise TypeError(f"{type(base).__name__} has no input embedding table (get_input_embeddings()).")
+        check_supported(base, deep=bool(config.deep))
+        embeddings = input_embeddings(base)
         self.word_embeddings = embeddings
         tokenizer = self._load_tokenizer(config)
         layouts = [template_layout(tokenizer, template) for template in config.templates]
@@ -134,27 +150,42 @@ class PeftModelForSoftMixture(PeftModel):
             )
         kwargs = dict(config.tokenizer_kwargs or {})
         kwargs.pop("trust_remote_code", None)  # an adapter file must not be able to run code
-        return AutoTokenizer.from_pretrained(name, **kwargs)
+        try:
+            return AutoTokenizer.from_pretrained(name, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"Cannot load the tokenizer {name!r} ({err}). Set tokenizer_name_or_path (in adapter_config.json for "
+                "a saved adapter) to the base model's tokenizer folder or Hub id."
+            ) from err
 
     def _check_compatible(self, config, tokenizer, token_ids, embeddings: nn.Embedding) -> None:
         model_name = type(self.base_model).__name__
-        if config.vocab_size is not None and config.vocab_size != embeddings.num_embeddings:
+        base_name = getattr(getattr(self.base_model, "config", None), "name_or_path", "") or "unnamed"
+        trained_for = (
+            f"the base model {config.base_model_name_or_path or 'unnamed'!r} (vocabulary {config.vocab_size}, "
+            f"embedding width {config.token_dim})"
+        )
+        given = (
+            f"{model_name} {base_name!r} (vocabulary {embeddings.num_embeddings}, embedding width "
+            f"{embeddings.embedding_dim})"
+        )
+        if (config.vocab_size is not None and config.vocab_size != embeddings.num_embeddings) or (
+            config.token_dim is not None and config.token_dim != embeddings.embedding_dim
+        ):
             raise AdapterLoadError(
-                f"This adapter was trained on a base model with a vocabulary of {config.vocab_size} tokens; "
-                f"{model_name} has {embeddings.num_embeddings}. Load it on the base model it was trained for "
-                f"({config.base_model_name_or_path!r})."
-            )
-        if config.token_dim is not None and config.token_dim != embeddings.embedding_dim:
-            raise AdapterLoadError(
-                f"This adapter's soft words have {config.token_dim} dimensions; {model_name}'s embeddings have "
-                f"{embeddings.embedding_dim}. Load it on the base model it was trained for "
-                f"({config.base_model_name_or_path!r})."
+                f"This adapter was trained for {trained_for} but is being applied to {given}. Load it on the base "
+                "model it was trained for."
             )
         if config.template_token_ids is not None and config.template_token_ids != token_ids:
+            saved, now = config.template_token_ids, token_ids
+            k = next((i for i, (a, b) in enumerate(zip(saved, now)) if a != b), min(len(saved), len(now)))
+            template = config.templates[k] if k < len(config.templates) else None
             raise AdapterLoadError(
-                f"The tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path!r}) splits this adapter's "
-                f"templates differently from the tokenizer it was trained with ({config.tokenizer_class}); its soft "
-                "words would land on the wrong positions. Use the base model's own tokenizer."
+                f"Template {k} {template!r} was tokenised as {saved[k] if k < len(saved) else None} when this adapter "
+                f"was trained (with a {config.tokenizer_class}), but as {now[k] if k < len(now) else None} by the "
+                f"tokenizer {type(tokenizer).__name__} {tokenizer.name_or_path!r}: either the templates were edited "
+                "after training or this is another tokenizer, and the soft words would land on the wrong tokens. "
+                "Restore the trained templates and use the base model's own tokenizer."
             )
         if len(tokenizer) > embeddings.num_embeddings:
             raise AdapterLoadError(
@@ -173,7 +204,7 @@ class PeftModelForSoftMixture(PeftModel):
         base.eval()
         try:
             with torch.no_grad():
-                layers = find_layer_stack(base) if want_layers else []
+                layers = layer_stack(base) if want_layers else []
                 with count_layer_calls(layers) as counter:
                     full = base(input_ids=input_ids, **kwargs).logits[0, query.mask_position].float()
                 if want_layers:
@@ -213,29 +244,30 @@ class PeftModelForSoftMixture(PeftModel):
         """
         runtime = self._softmix_runtime[self.active_adapter]
         tokenizer = runtime.tokenizer
-        queries = []
+        queries: list[EncodedQuery] = []
+        rows: list[torch.Tensor] = []
         for subject in subjects:
             for k, layout in enumerate(runtime.layouts):
                 key = (k, subject)
-                if key not in runtime.cache:
-                    runtime.cache[key] = encode_query(tokenizer, layout, subject)
+                row = runtime.rows.get(key)
+                if row is None:
+                    query = runtime.cache[key] = encode_query(tokenizer, layout, subject)
+                    row = runtime.rows[key] = torch.tensor([query.input_ids, query.roles], dtype=torch.long).T
                 queries.append(runtime.cache[key])
+                rows.append(row)
         B, K = len(subjects), len(runtime.layouts)
-        T = max(len(q.input_ids) for q in queries)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((B * K, T), pad, dtype=torch.long)
-        attention_mask = torch.zeros((B * K, T), dtype=torch.long)
-        roles = torch.full((B * K, T), -1, dtype=torch.long)
-        for row, query in enumerate(queries):
-            n = len(query.input_ids)
-            input_ids[row, :n] = torch.tensor(query.input_ids)
-            attention_mask[row, :n] = 1
-            roles[row, :n] = torch.tensor(query.roles)
+        # cached rows padded in one call: collating row by row in Python costs more than a training step on a GPU
+        padded = pad_sequence(rows, batch_first=True, padding_value=-1)  # [B * K, T, 2]; role -1 = hard
+        T = padded.shape[1]
+        lengths = torch.tensor([len(q.input_ids) for q in queries])
+        attention_mask = (torch.arange(T) < lengths[:, None]).long()
+        input_ids = padded[..., 0].masked_fill(attention_mask == 0, pad)
+        roles = padded[..., 1].contiguous()
         mask_positions = torch.tensor([q.mask_position for q in queries])
         labels = torch.full((B,), IGNORE_INDEX, dtype=torch.long)
         if objects is not None:
-            for b, obj in enumerate(objects):
-                token = object_token_id(tokenizer, obj) if obj is not None else None
+            for b, token in enumerate(self.object_ids(objects)):
                 labels[b] = IGNORE_INDEX if token is None else token
         batch = {
             "input_ids": input_ids.view(B, K, T),
@@ -264,7 +296,9 @@ class PeftModelForSoftMixture(PeftModel):
         """Score the mask of every filled template and mix: log p(y|x) = logsumexp_k(log pi_k + log p_k(y|x)).
 
         Args:
-            input_ids, attention_mask, roles: ``[B, K, T]`` from `encode` (``roles >= 0`` marks template words).
+            input_ids: ``[B, K, T]`` from `encode`.
+            attention_mask: ``[B, K, T]`` from `encode`.
+            roles: ``[B, K, T]`` from `encode` (``roles >= 0`` marks template words).
             mask_positions: ``[B, K]``.
             labels: ``[B]`` gold object token ids (-100 to ignore); gives ``loss``.
             candidate_mask: ``[V]`` bool, restricts the distribution to these tokens (e.g. LAMA's common vocab).
@@ -280,16 +314,17 @@ class PeftModelForSoftMixture(PeftModel):
         flat_mask = mask_positions.reshape(B * K)
         template = torch.arange(K, device=input_ids.device).repeat(B)
         soft_index = encoder.soft_index(roles.reshape(B * K, T), template)
-        embeds = self.word_embeddings(flat_ids)
         active = not self._adapters_disabled
-        if active:
-            embeds = encoder(embeds, soft_index)
         with ExitStack() as stack:
+            if active:
+                # the model gets token ids; only the embedding table's output changes (see soft_word_embeddings)
+                tables = tied_embedding_modules(self.base_model, self.word_embeddings)
+                stack.enter_context(soft_word_embeddings(tables, encoder, soft_index, flat_ids))
             if active and encoder.deep_offsets is not None:
                 stack.enter_context(deep_prompt_hooks(self._layers, encoder.deep_offsets, soft_index))
             if self._gather_ok:
                 stack.enter_context(gather_mask_positions(find_backbone(self.base_model), flat_mask))
-            logits = self.base_model(inputs_embeds=embeds, attention_mask=attention_mask.reshape(B * K, T)).logits
+            logits = self.base_model(input_ids=flat_ids, attention_mask=attention_mask.reshape(B * K, T)).logits
         # with the mask-only head the logits are already [N, 1, V]
         logits = logits[:, 0] if self._gather_ok else logits[torch.arange(B * K, device=logits.device), flat_mask]
         logits = logits.float()
@@ -303,8 +338,11 @@ class PeftModelForSoftMixture(PeftModel):
         if labels is not None:
             keep = labels != IGNORE_INDEX
             if keep.any():
-                gold = log_probs[keep].gather(1, labels[keep].unsqueeze(1)).squeeze(1)
-                loss = -gold.mean()
+                # mixed from each template's gold log-prob (= log_probs at the label): the backward pass then
+                # skips the logsumexp over [B, K, V]
+                kept = labels[keep]
+                gold = template_log_probs[keep].gather(2, kept[:, None, None].expand(-1, K, 1)).squeeze(2)
+                loss = -torch.logsumexp(gold + log_weights, dim=1).mean()
         return SoftMixtureOutput(
             loss=loss,
             log_probs=log_probs,
@@ -365,6 +403,29 @@ class PeftModelForSoftMixture(PeftModel):
             self.train(was_training)
         return results
 
+    def object_ids(self, objects: Sequence[str | None], strict: bool = False) -> list[int | None]:
+        """The token id each object is when it fills ``[Y]`` (None when it is not one token of the tokenizer).
+
+        `encode` labels such objects -100, which the loss skips; ``strict=True`` raises instead, naming them.
+        """
+        tokenizer = self.tokenizer
+        cache = self._softmix_runtime[self.active_adapter].object_ids
+        for obj in objects:
+            if obj not in cache:
+                cache[obj] = object_token_id(tokenizer, obj) if obj is not None else None
+        ids = [cache[obj] for obj in objects]
+        if strict:
+            bad = list(dict.fromkeys(obj for obj, token in zip(objects, ids) if token is None))
+            if bad:
+                more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+                shown = ", ".join(repr(obj) for obj in bad[:10]) + more
+                raise ValueError(
+                    f"{len(bad)} object(s) are not one token of {type(tokenizer).__name__} "
+                    f"({tokenizer.name_or_path!r}), so a single [Y] mask cannot produce them: {shown}. Drop those "
+                    "facts first, e.g. with peft_softmix.facts.filter_single_token."
+                )
+        return ids
+
     def mixture_weights(self, adapter_name: str | None = None) -> list[float]:
         """The mixture weights pi_k of an adapter (the active one by default)."""
         encoder = self.prompt_encoder[adapter_name or self.active_adapter]
@@ -386,6 +447,11 @@ class PeftModelForSoftMixture(PeftModel):
         """Save the adapter files atomically: a crash mid-save leaves the previous files intact."""
         if not kwargs.get("is_main_process", True):
             return
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError(
+                "peft_softmix saves adapters only as safetensors, and loads only those (a pickled adapter_model.bin "
+                "can run code when loaded); drop safe_serialization=False."
+            )
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory.")
         parent = os.path.dirname(os.path.abspath(save_directory))
@@ -403,21 +469,40 @@ class PeftModelForSoftMixture(PeftModel):
             shutil.rmtree(staging, ignore_errors=True)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args: Any, **kwargs: Any):
+        folder = os.fspath(model_id)
+        if kwargs.get("subfolder"):
+            folder = os.path.join(folder, kwargs["subfolder"])
+        weights_file = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+        _check_adapter_files(os.fspath(model_id), folder, read_config=adapter_name not in self.peft_config, **kwargs)
+        added = adapter_name not in self.peft_config
         try:
             return super().load_adapter(model_id, adapter_name, *args, **kwargs)
-        except AdapterLoadError as err:
-            raise AdapterLoadError(f"{os.fspath(model_id)}: {err}") from None
         except Exception as err:
+            if added:  # never leave behind an adapter whose weights did not load
+                self._forget_adapter(adapter_name)
+            if isinstance(err, AdapterLoadError):
+                if folder in str(err):
+                    raise
+                raise AdapterLoadError(f"{weights_file}: {err}") from None
             if "safetensors" in type(err).__module__ or "Safetensor" in type(err).__name__ or "deserializ" in str(err):
                 raise AdapterLoadError(
-                    f"{os.path.join(os.fspath(model_id), 'adapter_model.safetensors')} cannot be read ({err}); the "
-                    "file is truncated or corrupted. Save the adapter again or download it afresh."
+                    f"{weights_file} cannot be read ({err}); the file is truncated or corrupted. Save the adapter "
+                    "again or download it afresh."
                 ) from None
             raise
+
+    def _forget_adapter(self, adapter_name: str) -> None:
+        self.peft_config.pop(adapter_name, None)
+        if adapter_name in self.prompt_encoder:
+            del self.prompt_encoder[adapter_name]
+        self.prompt_tokens.pop(adapter_name, None)
+        self._softmix_runtime.pop(adapter_name, None)
 
     @classmethod
     def from_pretrained(cls, model, model_id, adapter_name: str = "default", is_trainable: bool = False, **kwargs):
         """Like `PeftModel.from_pretrained`, and ``is_trainable=True`` resumes training the adapter."""
+        folder = os.path.join(model_id, kwargs["subfolder"]) if kwargs.get("subfolder") else os.fspath(model_id)
+        _check_adapter_files(os.fspath(model_id), folder, read_config=kwargs.get("config") is None, **kwargs)
         peft_model = super().from_pretrained(model, model_id, adapter_name, is_trainable=False, **kwargs)
         if is_trainable:
             config = peft_model.peft_config[adapter_name]
@@ -425,6 +510,48 @@ class PeftModelForSoftMixture(PeftModel):
             peft_model.prompt_encoder[adapter_name].set_trainable(config.train_prompts, config.train_weights)
             peft_model.train()
         return peft_model
+
+    def push_to_hub(  # type: ignore[override]
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        tags: list[str] | None = None,
+        max_shard_size: Any = None,
+    ) -> Any:
+        """Upload the adapter files that `save_pretrained` writes (weights, config, model card) to a Hub repo.
+
+        transformers' `push_to_hub` would replace our model card with a generic one that neither says
+        `import peft_softmix` nor carries the tags. ``max_shard_size`` is accepted and ignored: the adapter is tiny.
+        """
+        api = HfApi()
+        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        if revision is not None and not revision.startswith("refs/pr"):
+            api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            self.save_pretrained(tmp_dir)
+            if tags:
+                card = ModelCard.load(os.path.join(tmp_dir, "README.md"))
+                card.data.tags = sorted(set(card.data.tags or []) | set(tags))
+                card.save(os.path.join(tmp_dir, "README.md"))
+            operations = [
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(tmp_dir, name))
+                for name in sorted(os.listdir(tmp_dir))
+            ]
+            return api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message or "Upload soft-prompt mixture adapter",
+                commit_description=commit_description,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     def _get_peft_specific_model_tags(self) -> list[str]:
         return ["peft", "peft_softmix", "soft-prompts", "mixture-of-soft-prompts", "fill-mask", "lama"]
@@ -459,3 +586,39 @@ Templates (deep prompts: {bool(config.num_deep_layers)}):
 """
         with open(path, "w", encoding="utf-8") as f:
             f.write(card.rstrip() + "\n" + usage)
+
+
+def _check_adapter_files(model_id: str, folder: str, read_config: bool, **kwargs: Any) -> None:
+    """Fail early, naming the file, where PEFT would raise an unexplained error or fall back to a pickle."""
+    weights_file = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    if os.path.isdir(folder):
+        config_file = os.path.join(folder, CONFIG_NAME)
+        if read_config and os.path.isfile(config_file):
+            # PEFT parses the file first and reports bad JSON without its name
+            SoftMixtureConfig.from_json_file(config_file)
+        if not os.path.isfile(weights_file):
+            pickled = os.path.isfile(os.path.join(folder, WEIGHTS_NAME))
+            raise AdapterLoadError(
+                f"{weights_file} is missing"
+                + (
+                    f" (there is an {WEIGHTS_NAME}, which peft_softmix never loads: pickle files can run code)"
+                    if pickled
+                    else ""
+                )
+                + ". Save the adapter again with save_pretrained, which writes safetensors."
+            )
+        return
+    # A Hub id: fetch the safetensors file first, so that PEFT never falls back to a pickled adapter_model.bin.
+    hub_kwargs = {
+        key: kwargs[key]
+        for key in ("subfolder", "revision", "cache_dir", "token", "local_files_only")
+        if kwargs.get(key) is not None
+    }
+    try:
+        hf_hub_download(model_id, SAFETENSORS_WEIGHTS_NAME, **hub_kwargs)
+    except Exception as err:
+        raise AdapterLoadError(
+            f"{model_id!r} is neither a local adapter folder nor a Hub repository with {SAFETENSORS_WEIGHTS_NAME} "
+            f"({type(err).__name__}: {err}). peft_softmix loads adapters only from safetensors, never from a pickled "
+            f"{WEIGHTS_NAME}."
+        ) from err

@@ -1,0 +1,569 @@
+"""Accuracy of mixtures of soft prompts against their peers, on one model and one data set (Qin & Eisner, Table 1).
+
+Every method is trained on the train facts of each relation, picked by dev P@1 and scored on the test facts:
+
+- the paper's grid, through ``examples/train_trex.py`` (one training loop for the example and this benchmark):
+  initialisation (``manual``, ``mined``, ``paraphrase``, ``random``) x (the hard prompt -> soft -> deep), as a
+  single prompt and as a mixture of K. The manual mixture is LAMA's template plus LPAQA's manual paraphrases
+  (``lpaqa_manual_paraphrase.jsonl``) where the templates folder has them, else plus LPAQA's paraphrases (the
+  shipped sample has no manual paraphrases); a mined or paraphrase mixture is the first K templates of that
+  source; ``random`` keeps the layout of the manual template (single) or of the K mined ones (mixture) and draws
+  the vectors at random;
+- peers on the same facts: PEFT's own ``PROMPT_TUNING`` and ``P_TUNING`` (``--num_virtual_tokens`` virtual tokens
+  before the manual template, trained with the same optimiser, epochs and dev selection in a small loop below),
+  an OptiPrompt-style single soft prompt (manual init, K = 1: the grid's ``manual_soft`` run), and the LPAQA-style
+  weighted ensemble of the K mined hard prompts (only the mixture weights trained);
+- the majority baseline: each relation's train objects ranked by frequency.
+
+It prints micro and macro P@1 / P@10 / MRR of every method, the grid, a per-relation P@1 table next to the majority
+baseline, whether the targets on the probe LM are met, and, as its last line, one JSON object mapping every
+method's name to its macro test P@1. Everything is also written to ``<output_dir>/accuracy.json``.
+
+Run (defaults: the probe LM in ``examples/probe_lm`` and the sample shipped with the package)::
+
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick   # fewer epochs, no paraphrase row, no single deep runs
+
+The paper's experiment (BERT-base-cased, the full T-REx split; needs the Hub and a GPU)::
+
+    python benchmarks/accuracy.py --model_name_or_path bert-base-cased --data_dir ../shared/data/trex \\
+        --templates_dir ../shared/data/templates --num_train_epochs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from peft import PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model  # noqa: E402
+from torch.utils.data import BatchSampler, DataLoader  # noqa: E402
+from transformers import AutoModelForMaskedLM, AutoTokenizer, set_seed  # noqa: E402
+
+import peft_softmix  # noqa: E402, F401  (registers SOFT_MIXTURE with PEFT)
+from peft_softmix.facts import SAMPLE_DIR, candidate_token_ids, load_common_vocab  # noqa: E402
+from peft_softmix.metrics import load_fact_retrieval, rank_of_gold  # noqa: E402
+from peft_softmix.template_sets import TemplateSetError, load_templates  # noqa: E402
+from peft_softmix.tokenization import encode_query, object_token_id, template_layout  # noqa: E402
+from peft_softmix.training import (  # noqa: E402
+    FactDataset,
+    LengthGroupedSampler,
+    precision_at_1,
+    subject_lengths,
+    write_json_atomic,
+)
+
+
+def load_example():
+    """``examples/train_trex.py`` as a module: its ``main(argv)`` trains every setting of the grid."""
+    spec = importlib.util.spec_from_file_location("train_trex", REPO_ROOT / "examples" / "train_trex.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_trex"] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+train_trex = load_example()
+
+INITS = ("manual", "mined", "paraphrase", "random")
+PEFT_PEERS = ("peft_prompt_tuning", "peft_p_tuning")
+# The example runs on Accelerate's device; the peers' own loop follows it (a GPU when there is one).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The per-relation table: the baselines, the paper's main rows and the peers.
+PER_RELATION_COLUMNS = [
+    "majority", "manual", "mined_hard_mixture", "manual_soft", "random_soft", "soft_mixture", "soft_mixture_deep",
+    "random_soft_mixture", "lpaqa_weighted_ensemble", *PEFT_PEERS,
+]  # fmt: skip
+
+
+# -- the settings trained through the example ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One run of ``examples/train_trex.py``: what it trains and which method names its rows give."""
+
+    name: str  # the method name of its trained row
+    templates: str  # --templates
+    num_templates: int
+    init: str = "template"
+    deep: bool = False
+    freeze_prompts: bool = False
+    hard_first: str | None = None  # method name of its "hard, template 1" row, when that row is wanted
+    hard_mixture: str | None = None  # method name of its "hard, uniform mixture" row, when that row is wanted
+
+
+def manual_mixture_source(args: argparse.Namespace, relations: list[str]) -> str:
+    """LAMA's template plus LPAQA's manual paraphrases if the templates folder has them for every relation, else
+    plus LPAQA's paraphrases (back-translations of the manual template; the shipped sample has only these)."""
+    try:
+        for relation in relations:
+            load_templates("manual_paraphrase", relation, k=1, templates_dir=args.templates_dir)
+    except (FileNotFoundError, TemplateSetError):
+        return "manual+paraphrase"
+    return "manual+manual_paraphrase"
+
+
+def grid_settings(args: argparse.Namespace, relations: list[str]) -> list[Setting]:
+    K = args.num_templates
+    sources = {"manual": "manual", "mined": "mined", "paraphrase": "paraphrase"}
+    mixtures = {"manual": manual_mixture_source(args, relations), "mined": "mined", "paraphrase": "paraphrase"}
+    inits = [i for i in INITS if not (args.quick and i == "paraphrase")]
+    settings = []
+    for init in inits:
+        for deep in (False, True):
+            if deep and args.quick and init != "manual":
+                continue  # --quick: deep single prompts only from the manual template
+            tail = "_deep" if deep else ""
+            if init == "random":
+                single = Setting(f"random_soft{tail}", "manual", 1, init="random", deep=deep)
+            else:
+                single = Setting(f"{init}_soft{tail}", sources[init], 1, deep=deep, hard_first=None if deep else init)
+            settings.append(single)
+    for init in inits:
+        for deep in (False, True):
+            tail = "_deep" if deep else ""
+            # the mined mixture is the paper's main setting: plain "soft_mixture"
+            name = f"soft_mixture{tail}" if init == "mined" else f"{init}_soft_mixture{tail}"
+            if init == "random":
+                settings.append(Setting(name, "mined", K, init="random", deep=deep))
+            else:
+                hard = None if deep else f"{init}_hard_mixture"
+                settings.append(Setting(name, mixtures[init], K, deep=deep, hard_mixture=hard))
+    settings.append(Setting("lpaqa_weighted_ensemble", "mined", K, freeze_prompts=True))
+    return settings
+
+
+def example_argv(args: argparse.Namespace, setting: Setting, output_dir: Path) -> list[str]:
+    argv = [
+        "--model_name_or_path", args.model_name_or_path,
+        "--data_dir", args.data_dir,
+        "--templates_dir", args.templates_dir,
+        "--relations", args.relations,
+        "--templates", setting.templates,
+        "--num_templates", str(setting.num_templates),
+        "--init", setting.init,
+        "--output_dir", str(output_dir),
+        "--learning_rate", str(args.learning_rate),
+        "--num_train_epochs", str(args.num_train_epochs),
+        "--patience", str(args.patience),
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--per_device_eval_batch_size", str(args.eval_batch_size),
+        "--seed", str(args.seed),
+    ]  # fmt: skip
+    if setting.deep:
+        argv.append("--deep")
+    if setting.freeze_prompts:
+        argv.append("--freeze_prompts")
+    if args.common_vocab is not None:
+        argv += ["--common_vocab", args.common_vocab]
+    for flag in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    return argv
+
+
+@contextlib.contextmanager
+def quiet(log_path: Path, verbose: bool):
+    """Send a run's own output (its tables, progress bars) to a log file, unless ``--verbose``."""
+    if verbose:
+        yield
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w", encoding="utf-8") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        yield
+
+
+def scores_of(results: dict[str, Any], row: str) -> dict[str, Any]:
+    """One row of an example ``results.json``: overall micro/macro and per-relation test scores."""
+    overall = dict(results["overall"]["test"][row])
+    per_relation = {rel: dict(entry["test"][row]) for rel, entry in results["relations"].items()}
+    return {"overall": overall, "per_relation": per_relation}
+
+
+# -- peers trained here: PEFT's prompt tuning and P-tuning before the manual template ------------------------------
+
+
+class ManualTemplateCollator:
+    """Facts filled into one hard template, padded per batch; the mask position is where the base model sees it."""
+
+    def __init__(self, tokenizer, template: str, facts: list, num_virtual_tokens: int):
+        self.tokenizer = tokenizer
+        self.layout = template_layout(tokenizer, template)
+        self.facts = facts
+        self.shift = num_virtual_tokens  # PEFT puts the virtual tokens before the whole input
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        queries = [encode_query(self.tokenizer, self.layout, self.facts[i].subject) for i in indices]
+        if any(q.input_ids[q.mask_position] != self.tokenizer.mask_token_id for q in queries):
+            raise RuntimeError(f"encode_query put the mask elsewhere for template {self.layout.template!r}.")
+        T = max(len(q.input_ids) for q in queries)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(queries), T), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(queries), T), dtype=torch.long)
+        for row, q in enumerate(queries):
+            input_ids[row, : len(q.input_ids)] = torch.tensor(q.input_ids)
+            attention_mask[row, : len(q.input_ids)] = 1
+        labels = [object_token_id(self.tokenizer, self.facts[i].object) for i in indices]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "mask_positions": torch.tensor([q.mask_position + self.shift for q in queries]),
+            "labels": torch.tensor(labels),
+        }
+
+
+def peer_config(name: str, num_virtual_tokens: int, token_dim: int):
+    # FEATURE_EXTRACTION: PEFT prepends the prompt and returns the base model's own output (the MLM logits)
+    if name == "peft_prompt_tuning":
+        return PromptTuningConfig(
+            task_type=TaskType.FEATURE_EXTRACTION,
+            num_virtual_tokens=num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,  # PEFT's RANDOM init is N(0, 1): far off BERT's scale
+        )
+    return PromptEncoderConfig(
+        task_type=TaskType.FEATURE_EXTRACTION,
+        num_virtual_tokens=num_virtual_tokens,
+        encoder_reparameterization_type="MLP",
+        encoder_hidden_size=token_dim,
+    )
+
+
+def peer_log_probs(model, batch: dict[str, torch.Tensor], candidate_mask: torch.Tensor | None) -> torch.Tensor:
+    batch = {key: value.to(DEVICE) for key, value in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[torch.arange(len(logits)), batch["mask_positions"]].float()
+    if candidate_mask is not None:
+        logits = logits.masked_fill(~candidate_mask, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def peer_ranks(model, loader, candidate_mask) -> torch.Tensor:
+    model.eval()
+    ranks = [
+        rank_of_gold(peer_log_probs(model, b, candidate_mask), b["labels"].to(DEVICE), candidate_mask) for b in loader
+    ]
+    return torch.cat(ranks).cpu()
+
+
+def train_peer(name: str, args: argparse.Namespace, data, tokenizer, candidate_mask) -> torch.Tensor:
+    """Train one PEFT peer on one relation as the example trains ours (Adam, best dev P@1, patience); test ranks."""
+    set_seed(args.seed)
+    base = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path)
+    token_dim = base.get_input_embeddings().embedding_dim
+    model = get_peft_model(base, peer_config(name, args.num_virtual_tokens, token_dim)).to(DEVICE)
+    if candidate_mask is not None:
+        candidate_mask = candidate_mask.to(DEVICE)
+    template = data.templates[0]
+
+    def loader(split: str, shuffle: bool) -> DataLoader:
+        facts = data.splits[split]
+        collate = ManualTemplateCollator(tokenizer, template, facts, args.num_virtual_tokens)
+        size = args.batch_size if shuffle else args.eval_batch_size
+        sampler = LengthGroupedSampler(subject_lengths(tokenizer, facts), size, shuffle=shuffle, seed=args.seed)
+        return DataLoader(FactDataset(facts), batch_sampler=BatchSampler(sampler, size, False), collate_fn=collate)
+
+    train, dev, test = loader("train", True), loader("dev", False), loader("test", False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=args.learning_rate)
+
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in trainable]
+
+    best_p1, best, bad_epochs = precision_at_1(peer_ranks(model, dev, candidate_mask)), snapshot(), 0
+    for epoch in range(1, args.num_train_epochs + 1):
+        model.train()
+        train.batch_sampler.sampler.set_epoch(epoch)
+        for batch in train:
+            log_probs = peer_log_probs(model, batch, candidate_mask)
+            loss = -log_probs.gather(1, batch["labels"].to(DEVICE).unsqueeze(1)).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        dev_p1 = precision_at_1(peer_ranks(model, dev, candidate_mask))
+        if dev_p1 > best_p1:
+            best_p1, best, bad_epochs = dev_p1, snapshot(), 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= args.patience:
+                break
+    with torch.no_grad():
+        for param, value in zip(trainable, best):
+            param.copy_(value)
+    return peer_ranks(model, test, candidate_mask)
+
+
+def majority_ranks(data) -> torch.Tensor:
+    """Each test object's rank in the list of train objects by frequency; unseen objects tie after all of them
+    (ties in the gold's favour, as in `rank_of_gold`)."""
+    counts = Counter(f.object for f in data.splits["train"])
+    order = {obj: rank for rank, (obj, _) in enumerate(counts.most_common(), start=1)}
+    return torch.tensor([order.get(f.object, len(order) + 1) for f in data.splits["test"]])
+
+
+def scores_from_ranks(metric, ranks_by_relation: dict[str, torch.Tensor]) -> dict[str, Any]:
+    ranks, relations = [], []
+    for relation, r in ranks_by_relation.items():
+        ranks += r.tolist()
+        relations += [relation] * len(r)
+    result = metric.compute(ranks=ranks, relations=relations)
+    per_relation = {rel: dict(s) for rel, s in result.pop("per_relation").items()}
+    return {"overall": result, "per_relation": per_relation}
+
+
+def candidate_mask_for(args: argparse.Namespace, tokenizer, vocab_size: int) -> tuple[set[str] | None, Any]:
+    if args.common_vocab is None:
+        return None, None
+    words = load_common_vocab(args.common_vocab)
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[candidate_token_ids(tokenizer, words).token_ids] = True
+    return set(words), mask
+
+
+# -- tables ------------------------------------------------------------------------------------------------------
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def methods_table(methods: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| method | micro P@1 | micro P@10 | micro MRR | macro P@1 | macro P@10 | macro MRR |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, scores in methods.items():
+        o = scores["overall"]
+        cells = [pct(o[f"{kind}_{m}"]) for kind in ("micro", "macro") for m in ("p@1", "p@10", "mrr")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def grid_table(methods: dict[str, dict[str, Any]], inits: list[str]) -> str:
+    def cell(name: str | None) -> str:
+        if name is None or name not in methods:
+            return "–"
+        o = methods[name]["overall"]
+        return f"{pct(o['macro_p@1'])} / {pct(o['macro_p@10'])} / {pct(o['macro_mrr'])}"
+
+    lines = [
+        "Macro P@1 / P@10 / MRR on test, in %. 'init' is the untrained prompt (the hard template, or the uniform "
+        "mixture of the hard templates); random init has no hard prompt.",
+        "",
+        "| initialisation | single: init | single: soft | single: deep | mixture: init | mixture: soft | "
+        "mixture: deep |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for init in inits:
+        hard = None if init == "random" else init
+        hard_mix = None if init == "random" else f"{init}_hard_mixture"
+        mix = "soft_mixture" if init == "mined" else f"{init}_soft_mixture"
+        cells = [hard, f"{init}_soft", f"{init}_soft_deep", hard_mix, mix, f"{mix}_deep"]
+        lines.append(f"| {init} | " + " | ".join(cell(c) for c in cells) + " |")
+    lines.append(f"| majority baseline | {cell('majority')} | | | | | |")
+    return "\n".join(lines)
+
+
+def per_relation_table(methods: dict[str, dict[str, Any]], columns: list[str]) -> str:
+    columns = [c for c in columns if c in methods]
+    relations = list(methods[columns[0]]["per_relation"])
+    lines = [
+        "Test P@1 per relation, in %, next to the majority baseline (the most frequent train object).",
+        "",
+        "| relation | facts | " + " | ".join(columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
+    for rel in relations:
+        count = methods[columns[0]]["per_relation"][rel]["count"]
+        cells = [pct(methods[c]["per_relation"][rel]["p@1"]) for c in columns]
+        lines.append(f"| {rel} | {count} | " + " | ".join(cells) + " |")
+    lines.append("| **macro** | | " + " | ".join(pct(methods[c]["overall"]["macro_p@1"]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def check_targets(macro: dict[str, float]) -> list[dict[str, Any]]:
+    """The targets on the probe LM: the soft mixture at 1.5x the manual template, and 5 points over PEFT's best."""
+    targets = []
+    if "soft_mixture" in macro and "manual" in macro:
+        goal = 1.5 * macro["manual"]
+        targets.append(
+            {
+                "target": "soft_mixture >= 1.5 x manual",
+                "value": macro["soft_mixture"],
+                "goal": goal,
+                "met": macro["soft_mixture"] >= goal,
+            }
+        )
+    peers = {name: macro[name] for name in PEFT_PEERS if name in macro}
+    if "soft_mixture" in macro and peers:
+        best = max(peers, key=peers.get)
+        goal = peers[best] + 0.05
+        targets.append(
+            {
+                "target": f"soft_mixture >= best PEFT peer ({best}) + 5 points",
+                "value": macro["soft_mixture"],
+                "goal": goal,
+                "met": macro["soft_mixture"] >= goal,
+            }
+        )
+    return targets
+
+
+# -- main --------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_name_or_path", default=str(train_trex.DEFAULT_MODEL))
+    parser.add_argument("--data_dir", default=str(SAMPLE_DIR / "trex"))
+    parser.add_argument("--templates_dir", default=str(SAMPLE_DIR / "templates"))
+    parser.add_argument("--relations", default="all", help="'all' or comma-separated relation ids.")
+    parser.add_argument("--num_templates", type=int, default=5, help="K of every mixture.")
+    parser.add_argument(
+        "--common_vocab",
+        nargs="?",
+        const=str(train_trex.DEFAULT_COMMON_VOCAB),
+        default=None,
+        help="Rank over LAMA's common vocabulary (the paper's setting for BERT); optionally the word list's path.",
+    )
+    parser.add_argument("--num_train_epochs", type=int, default=None, help="Default 4 (2 with --quick).")
+    parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--learning_rate", type=float, default=1e-2)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--eval_batch_size", type=int, default=128)
+    parser.add_argument("--num_virtual_tokens", type=int, default=5, help="PEFT peers' prompt length.")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--max_eval_samples", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 epochs, first 300 dev/test facts per relation, no paraphrase init, deep single prompt only manual.",
+    )
+    parser.add_argument("--output_dir", default="out/accuracy")
+    parser.add_argument("--verbose", action="store_true", help="Show each run's own output and progress bars.")
+    args = parser.parse_args(argv)
+    if args.num_train_epochs is None:
+        args.num_train_epochs = 2 if args.quick else 4
+    if args.quick and args.max_eval_samples is None:
+        args.max_eval_samples = 300
+    if not Path(args.model_name_or_path).exists() and args.model_name_or_path == str(train_trex.DEFAULT_MODEL):
+        parser.error(
+            f"The probe LM is not at {train_trex.DEFAULT_MODEL}; build it with scripts/build_probe_lm.py or pass "
+            "--model_name_or_path."
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    start = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    relations = train_trex.resolve_relations(
+        train_trex.parse_args(["--data_dir", args.data_dir, "--relations", args.relations])
+    )
+    metric = load_fact_retrieval(keep_in_memory=True)
+    methods: dict[str, dict[str, Any]] = {}
+    timings: dict[str, float] = {}
+    settings = grid_settings(args, relations)
+
+    def progress(name: str, seconds: float) -> None:
+        macro = methods[name]["overall"]["macro_p@1"] if name in methods else math.nan
+        print(f"[{time.time() - start:7.0f}s] {name:<28} macro P@1 {pct(macro):>5}  ({seconds:.0f}s)", flush=True)
+
+    # majority baseline and the PEFT peers, on the facts the example keeps (one-token objects, common vocab)
+    manual_args = train_trex.parse_args(example_argv(args, Setting("manual", "manual", 1), out / "runs" / "peers"))
+    vocab_size = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path).get_input_embeddings().num_embeddings
+    common_words, candidate_mask = candidate_mask_for(args, tokenizer, vocab_size)
+    data = {rel: train_trex.load_relation_data(manual_args, rel, tokenizer, common_words) for rel in relations}
+    methods["majority"] = scores_from_ranks(metric, {rel: majority_ranks(d) for rel, d in data.items()})
+    for name in PEFT_PEERS:
+        t0 = time.time()
+        with quiet(out / "runs" / name / "log.txt", args.verbose):
+            ranks = {rel: train_peer(name, args, d, tokenizer, candidate_mask) for rel, d in data.items()}
+        methods[name] = scores_from_ranks(metric, ranks)
+        timings[name] = time.time() - t0
+        progress(name, timings[name])
+
+    for setting in settings:
+        t0 = time.time()
+        run_dir = out / "runs" / setting.name
+        with quiet(run_dir / "log.txt", args.verbose):
+            results = train_trex.main(example_argv(args, setting, run_dir))
+        methods[setting.name] = scores_of(results, "soft")
+        if setting.hard_first:
+            methods[setting.hard_first] = scores_of(results, "hard_first")
+        if setting.hard_mixture:
+            methods[setting.hard_mixture] = scores_of(results, "hard_mixture")
+        timings[setting.name] = time.time() - t0
+        progress(setting.name, timings[setting.name])
+    methods["optiprompt_single_soft"] = methods["manual_soft"]  # the same run: manual init, one prompt, no mixture
+
+    order = [
+        "majority", "manual", "mined", "paraphrase", "manual_hard_mixture", "mined_hard_mixture",
+        "paraphrase_hard_mixture", "manual_soft", "manual_soft_deep", "mined_soft", "mined_soft_deep",
+        "paraphrase_soft", "paraphrase_soft_deep", "random_soft", "random_soft_deep", "manual_soft_mixture",
+        "manual_soft_mixture_deep", "soft_mixture", "soft_mixture_deep", "paraphrase_soft_mixture",
+        "paraphrase_soft_mixture_deep", "random_soft_mixture", "random_soft_mixture_deep",
+        "optiprompt_single_soft", "lpaqa_weighted_ensemble", "peft_prompt_tuning", "peft_p_tuning",
+    ]  # fmt: skip
+    methods = {name: methods[name] for name in order if name in methods}
+    macro = {name: scores["overall"]["macro_p@1"] for name, scores in methods.items()}
+    targets = check_targets(macro)
+    inits = [i for i in INITS if f"{i}_soft" in methods]
+    elapsed = time.time() - start
+    report = {
+        "settings": vars(args),
+        "relations": relations,
+        "manual_mixture_templates": manual_mixture_source(args, relations),
+        "seconds": elapsed,
+        "seconds_per_method": timings,
+        "torch_threads": torch.get_num_threads(),
+        "methods": methods,
+        "targets": targets,
+        "macro_p@1": macro,
+    }
+
+    print()
+    print(
+        f"Model {args.model_name_or_path}; data {args.data_dir}; {len(relations)} relations; K = "
+        f"{args.num_templates}; {args.num_train_epochs} epochs; {elapsed:.0f} s on {platform.machine()} "
+        f"({torch.get_num_threads()} threads). Manual mixture: {report['manual_mixture_templates']}."
+    )
+    print()
+    print(methods_table(methods))
+    print()
+    print(grid_table(methods, inits))
+    print()
+    print(per_relation_table(methods, PER_RELATION_COLUMNS))
+    print()
+    for t in targets:
+        print(f"target {t['target']}: {pct(t['value'])} vs {pct(t['goal'])}: {'met' if t['met'] else 'NOT met'}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "accuracy.json", report)
+    print(f"Wrote {out / 'accuracy.json'}")
+    print(json.dumps({name: round(value, 4) for name, value in macro.items()}))
+    return macro
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

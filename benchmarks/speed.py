@@ -1,0 +1,777 @@
+"""Speed of a mixture of soft prompts against the frozen model it wraps, a K-template loop and PEFT prompt tuning.
+
+Every case runs in the same process and the cases of a group are timed round-robin (one step of each case per
+repeat), so that load from other processes falls on all of them alike: the *ratios* are what this measures. Each
+figure is the median over ``--repeats`` timed steps after ``--warmup`` untimed ones.
+
+Groups:
+
+- ``train``: one training step (forward, backward, Adam step) on 32 facts, for the soft mixture with K = 1, 5, 10
+  templates, shallow and deep; the same tokens through the bare frozen model (forward and backward to
+  ``inputs_embeds``, with the same mask-only LM head: the floor); a naive mixture that runs one forward per template;
+  PEFT's own ``PROMPT_TUNING`` on the same model and batch size; and the levers (LM head at mask positions only,
+  bf16 autocast through Accelerate).
+- ``eval``: facts per second ranking the gold object over the full vocabulary and over LAMA's common vocabulary,
+  with the levers (inference mode, mask-only head, dynamic padding, length-sorted batches) and ``query()``.
+- ``trex``: whole-pipeline evaluation (tokenising every query afresh, one adapter per relation, K = 5) on the probe
+  LM of ``examples/probe_lm`` (or a random model of its shape), projected to the 34,039 facts of the T-REx test
+  split; ``--full_trex_eval`` runs all of it instead.
+
+Run::
+
+    python benchmarks/speed.py                                   # CPU, preset cpu-small
+    python benchmarks/speed.py --device cuda --preset bert-base --repeats 5 --bf16
+
+The model weights are random (no pretrained LM is available offline): only shapes matter for speed. The last line
+printed is one JSON object with every ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from peft import PromptTuningConfig, TaskType, get_peft_model  # noqa: E402
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizerFast  # noqa: E402
+
+import peft_softmix  # noqa: E402  (registers SOFT_MIXTURE with PEFT)
+from peft_softmix import PeftModelForSoftMixture, SoftMixtureConfig  # noqa: E402
+from peft_softmix.layers import deep_prompt_hooks, find_backbone, gather_mask_positions  # noqa: E402
+
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+DEFAULT_PROBE_LM = REPO_ROOT / "examples" / "probe_lm"
+TREX_TEST_FACTS = 34_039
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+# (layers, hidden, heads, intermediate, vocab); vocab 28,996 is bert-base-cased's.
+PRESETS = {
+    "cpu-small": (4, 256, 4, 1024, 28_996),
+    "bert-base": (12, 768, 12, 3072, 28_996),
+    "probe": (2, 128, 2, 512, 16_600),
+    "tiny": (2, 64, 2, 128, 8_000),
+}
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def relation_facts(data_dir: Path, relation: str, split: str) -> list[tuple[str, str]]:
+    rows = read_jsonl(data_dir / "trex" / relation / f"{split}.jsonl")
+    return [(row.get("sub_label", row.get("sub")), row.get("obj_label", row.get("obj"))) for row in rows]
+
+
+def relation_templates(data_dir: Path, relation: str, k: int) -> list[str]:
+    """The LAMA manual template, then LPAQA mined and paraphrased ones, without repeats: the first ``k``."""
+    seen: dict[str, None] = {}
+    for name in ("lama", "lpaqa_mined", "lpaqa_paraphrase"):
+        for row in read_jsonl(data_dir / "templates" / f"{name}.jsonl"):
+            template = row["template"]
+            if row["relation"] == relation and template.count("[X]") == 1 and template.count("[Y]") == 1:
+                seen.setdefault(" ".join(template.split()), None)
+    templates = list(seen)[:k]
+    if len(templates) < k:
+        raise SystemExit(f"Relation {relation} has only {len(templates)} templates; pick another with --relation.")
+    return templates
+
+
+def build_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Path:
+    """A cased WordPiece tokenizer of exactly ``vocab_size`` tokens that covers ``texts`` (words, else pieces)."""
+    chars = sorted({c for text in texts for c in text if not c.isspace()})
+    words = Counter(word for text in texts for word in text.split())
+    vocab: dict[str, int] = {}
+    for token in (*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)):
+        vocab.setdefault(token, len(vocab))
+    for word, _ in words.most_common():
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(word, len(vocab))
+    for i in range(vocab_size - len(vocab)):
+        vocab[f"[unused{i}]"] = len(vocab)
+    BertTokenizerFast(vocab=vocab, do_lower_case=False).save_pretrained(out_dir)
+    return out_dir
+
+
+def random_mlm(preset: str, device: torch.device, max_positions: int = 128) -> BertForMaskedLM:
+    layers, hidden, heads, intermediate, vocab = PRESETS[preset]
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+    )
+    torch.manual_seed(0)
+    return BertForMaskedLM(config).to(device)
+
+
+# --------------------------------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Case:
+    """One timed unit of work. ``setup`` runs untimed before every call of ``run``."""
+
+    name: str
+    run: Callable[[], Any]
+    facts: int
+    tokens: int = 0
+    setup: Callable[[], Any] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_round_robin(cases: list[Case], repeats: int, warmup: int, device: torch.device) -> None:
+    """Warm every case up, then time one call of each case per repeat, in turn."""
+    for case in cases:
+        for _ in range(warmup):
+            if case.setup:
+                case.setup()
+            case.run()
+    for _ in range(repeats):
+        for case in cases:
+            if case.setup:
+                case.setup()
+            synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            case.run()
+            synchronize(device)
+            case.times.append(time.perf_counter() - start)
+            case.cpu_times.append(time.process_time() - cpu_start)
+
+
+def report(group: str, cases: list[Case], printed: dict[str, Case]) -> None:
+    print(f"\n== {group} ==")
+    print(f"{'case':44s} {'median ms':>10s} {'min ms':>9s} {'facts/s':>10s} {'steps/s':>8s} {'tokens':>7s}")
+    for case in cases:
+        median = case.median_s
+        print(
+            f"{case.name:44s} {median * 1e3:10.1f} {min(case.times) * 1e3:9.1f} {case.facts / median:10.1f} "
+            f"{1 / median:8.2f} {case.tokens:7d}"
+        )
+    for case in cases:
+        line = {
+            "group": group,
+            "case": case.name,
+            "median_ms": round(case.median_s * 1e3, 3),
+            "min_ms": round(min(case.times) * 1e3, 3),
+            "times_ms": [round(t * 1e3, 3) for t in case.times],
+            "median_process_cpu_ms": round(statistics.median(case.cpu_times) * 1e3, 3),
+            "steps_per_s": round(1 / case.median_s, 3),
+            "facts_per_s": round(case.facts / case.median_s, 2),
+            "facts": case.facts,
+            "tokens": case.tokens,
+            **case.info,
+        }
+        print(json.dumps(line))
+        printed[case.name] = case
+
+
+# --------------------------------------------------------------------------------------------------- cases
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        self.data_dir = Path(args.data_dir)
+        self.tmp = Path(tempfile.mkdtemp(prefix="softmix-speed-"))
+        self.cases: dict[str, Case] = {}
+        self.autocast: Callable[[], contextlib.AbstractContextManager] | None = None
+        if args.bf16:
+            from accelerate import Accelerator
+
+            accelerator = Accelerator(mixed_precision="bf16", cpu=self.device.type == "cpu")
+            self.autocast = accelerator.autocast
+
+    def amp(self, bf16: bool) -> contextlib.AbstractContextManager:
+        return self.autocast() if bf16 and self.autocast else contextlib.nullcontext()
+
+    # -- training ---------------------------------------------------------------------------------------
+
+    def train_cases(self) -> list[Case]:
+        args, device = self.args, self.device
+        relation = args.relation
+        ks = sorted(set(args.ks))
+        templates = relation_templates(self.data_dir, relation, max(ks))
+        facts = [f for f in relation_facts(self.data_dir, relation, "train") if f[0] and f[1]]
+        rng = random.Random(0)
+        rng.shuffle(facts)
+        texts = (
+            [s for s, _ in facts]
+            + [o for _, o in facts]
+            + [t.replace("[X]", " ").replace("[Y]", " ") for t in templates]
+        )
+        self.train_tokenizer_dir = build_tokenizer(texts, PRESETS[args.preset][4], self.tmp / "tok-train")
+        base = random_mlm(args.preset, device)
+        objects = [o for _, o in facts]
+        tokenizer = AutoTokenizer.from_pretrained(self.train_tokenizer_dir)
+        # objects the tokenizer keeps whole, so that every fact in the batch has a label
+        single = [f for f in facts if peft_softmix.object_token_id(tokenizer, f[1]) is not None]
+        batch_facts = (single or facts)[: args.batch_facts]
+        subjects = [s for s, _ in batch_facts]
+        objects = [o for _, o in batch_facts]
+        print(
+            f"train: relation {relation}, {len(batch_facts)} facts per batch, templates {templates[: max(ks)]}",
+            flush=True,
+        )
+
+        pm: PeftModelForSoftMixture | None = None
+        names = []
+        for k in ks:
+            for deep in (False, True):
+                name = f"k{k}_{'deep' if deep else 'shallow'}"
+                config = SoftMixtureConfig(
+                    templates=templates[:k], tokenizer_name_or_path=str(self.train_tokenizer_dir), deep=deep
+                )
+                if pm is None:
+                    pm = get_peft_model(base, config, adapter_name=name)
+                else:
+                    pm.add_adapter(name, config)
+                names.append(name)
+        assert isinstance(pm, PeftModelForSoftMixture)
+        pm.to(device)
+        pm.train()
+        self.train_pm = pm
+        print(f"mask-only LM head available (pm._gather_ok): {pm._gather_ok}", flush=True)
+
+        batches: dict[str, dict[str, torch.Tensor]] = {}
+        cases: list[Case] = []
+        for name in names:
+            pm.set_adapter(name)
+            batches[name] = pm.encode(subjects, objects, device=device)
+        optimizers = {
+            name: torch.optim.Adam([p for p in pm.prompt_encoder[name].parameters() if p.requires_grad], lr=1e-3)
+            for name in names
+        }
+
+        def tokens_of(batch: dict[str, torch.Tensor]) -> int:
+            return int(batch["input_ids"].numel())
+
+        def mixture_case(
+            name: str, gather: bool = True, bf16: bool = False, dropout: bool = True, suffix: str = ""
+        ) -> Case:
+            batch, optimizer = batches[name], optimizers[name]
+            gather_ok = pm._gather_ok and gather
+
+            def setup() -> None:
+                pm.set_adapter(name)
+                pm._gather_ok = gather_ok
+                pm.train()
+                if not dropout:
+                    base.eval()  # the frozen model without dropout; the adapter still trains
+
+            def run() -> None:
+                with self.amp(bf16):
+                    out = pm(**batch)
+                out.loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            return Case(f"mixture_{name}{suffix}", run, len(subjects), tokens_of(batch), setup)
+
+        def bare_case(name: str, gather: bool = True, bf16: bool = False, suffix: str = "") -> Case:
+            """The frozen model on exactly the mixture's tokens: forward, loss at the masks, backward to the input."""
+            batch = batches[name]
+            B, K, T = batch["input_ids"].shape
+            ids = batch["input_ids"].reshape(B * K, T)
+            attention = batch["attention_mask"].reshape(B * K, T)
+            masks = batch["mask_positions"].reshape(B * K)
+            labels = batch["labels"].repeat_interleave(K)
+            rows = torch.arange(B * K, device=device)
+            backbone = find_backbone(base)
+
+            def setup() -> None:
+                pm.train()
+
+            def run() -> None:
+                embeds = pm.word_embeddings(ids).detach().requires_grad_()
+                with self.amp(bf16):
+                    head = gather_mask_positions(backbone, masks) if gather else contextlib.nullcontext()
+                    with head:
+                        logits = base(inputs_embeds=embeds, attention_mask=attention).logits
+                logits = logits[:, 0] if gather else logits[rows, masks]
+                loss = -torch.log_softmax(logits.float(), -1).gather(1, labels[:, None]).mean()
+                loss.backward()
+
+            return Case(f"bare_{name.split('_')[0]}{suffix}", run, len(subjects), tokens_of(batch), setup)
+
+        def kloop_case(name: str) -> Case:
+            """The mixture computed one template at a time, each template padded only to its own length."""
+            batch, optimizer = batches[name], optimizers[name]
+            encoder = pm.prompt_encoder[name]
+            B, K, _ = batch["input_ids"].shape
+            backbone = find_backbone(base)
+            pieces = []
+            for k in range(K):
+                length = int(batch["attention_mask"][:, k].sum(-1).max())
+                piece = {key: batch[key][:, k, :length] for key in ("input_ids", "attention_mask", "roles")}
+                piece["mask_positions"] = batch["mask_positions"][:, k]
+                piece["template"] = torch.full((B,), k, device=device)
+                pieces.append(piece)
+            labels = batch["labels"]
+
+            def setup() -> None:
+                pm.set_adapter(name)
+                pm.train()
+
+            def forward() -> torch.Tensor:
+                per_template = []
+                for piece in pieces:
+                    soft_index = encoder.soft_index(piece["roles"], piece["template"])
+                    embeds = encoder(pm.word_embeddings(piece["input_ids"]), soft_index)
+                    with contextlib.ExitStack() as stack:
+                        if encoder.deep_offsets is not None:
+                            stack.enter_context(deep_prompt_hooks(pm._layers, encoder.deep_offsets, soft_index))
+                        if pm._gather_ok:
+                            stack.enter_context(gather_mask_positions(backbone, piece["mask_positions"]))
+                        logits = base(inputs_embeds=embeds, attention_mask=piece["attention_mask"]).logits
+                    logits = (
+                        logits[:, 0]
+                        if pm._gather_ok
+                        else logits[torch.arange(B, device=device), piece["mask_positions"]]
+                    )
+                    per_template.append(torch.log_softmax(logits.float(), -1))
+                stacked = torch.stack(per_template, 1) + encoder.log_weights()[None, :, None]
+                return torch.logsumexp(stacked, 1)
+
+            def run() -> None:
+                log_probs = forward()
+                loss = -log_probs.gather(1, labels[:, None]).mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            # the loop must compute the same mixture as the batched forward
+            pm.set_adapter(name)
+            was_training = pm.training
+            pm.eval()
+            with torch.no_grad():
+                diff = (forward() - pm(**batch).log_probs).abs().max().item()
+            pm.train(was_training)
+            if diff > 1e-3:
+                raise RuntimeError(f"K-loop and batched mixture disagree by {diff} for {name}")
+            tokens = sum(int(piece["input_ids"].numel()) for piece in pieces)
+            return Case(f"kloop_{name}", run, len(subjects), tokens, setup, {"max_abs_diff_vs_batched": diff})
+
+        def prompt_tuning_case() -> Case:
+            """PEFT PROMPT_TUNING: one soft prompt prepended to the first template's filled query, full LM head."""
+            name = names[0]
+            batch = batches[name]
+            n_virtual = max(1, sum(1 for r in batch["roles"][0, 0].tolist() if r >= 0))
+            pt = get_peft_model(
+                base,
+                PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=n_virtual),
+                adapter_name="peer",
+            ).to(device)
+            pt.train()
+            optimizer = torch.optim.Adam([p for p in pt.parameters() if p.requires_grad], lr=1e-3)
+            ids = batch["input_ids"][:, 0]
+            attention = batch["attention_mask"][:, 0]
+            masks = batch["mask_positions"][:, 0] + n_virtual
+            labels = batch["labels"]
+            rows = torch.arange(ids.shape[0], device=device)
+
+            def run() -> None:
+                logits = pt(input_ids=ids, attention_mask=attention).logits
+                loss = -torch.log_softmax(logits[rows, masks].float(), -1).gather(1, labels[:, None]).mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            return Case(
+                "peft_prompt_tuning",
+                run,
+                len(subjects),
+                int(ids.numel()) + n_virtual * ids.shape[0],
+                pt.train,
+                {"num_virtual_tokens": n_virtual},
+            )
+
+        gather_default = pm._gather_ok
+        for k in ks:
+            cases.append(bare_case(f"k{k}_shallow"))
+            cases.append(mixture_case(f"k{k}_shallow"))
+            cases.append(mixture_case(f"k{k}_deep"))
+            if k > 1:
+                cases.append(kloop_case(f"k{k}_shallow"))
+        mid = f"k{5 if 5 in ks else ks[-1]}"
+        cases.append(kloop_case(f"{mid}_deep"))
+        if gather_default:  # the full head is dear on a CPU: this lever is timed at the smallest K
+            cases.append(bare_case(f"k{ks[0]}_shallow", gather=False, suffix="_fullhead"))
+            cases.append(mixture_case(f"k{ks[0]}_shallow", gather=False, suffix="_fullhead"))
+        cases.append(mixture_case(f"{mid}_shallow", dropout=False, suffix="_no_dropout"))
+        if args.bf16:
+            cases.append(bare_case(f"{mid}_shallow", bf16=True, suffix="_bf16"))
+            cases.append(mixture_case(f"{mid}_shallow", bf16=True, suffix="_bf16"))
+            cases.append(mixture_case(f"{mid}_deep", bf16=True, suffix="_bf16"))
+        cases.append(prompt_tuning_case())
+
+        # collating a batch (the query cache is warm): part of every real step, outside the timed steps above
+        def encode_run() -> None:
+            pm.encode(subjects, objects, device=device)
+
+        encode_case = Case(
+            f"encode_{mid}_warm_cache", encode_run, len(subjects), 0, lambda: pm.set_adapter(f"{mid}_shallow")
+        )
+        cases.append(encode_case)
+        self.train_mid = mid
+        for case in cases:
+            case.info.setdefault("K", int(case.name.split("_k")[1].split("_")[0]) if "_k" in case.name else 1)
+            if case.tokens and f"k{case.info['K']}_shallow" in batches:
+                case.info["real_tokens"] = int(batches[f"k{case.info['K']}_shallow"]["attention_mask"].sum())
+        return cases
+
+    # -- evaluation -------------------------------------------------------------------------------------
+
+    def eval_cases(self) -> list[Case]:
+        args, device = self.args, self.device
+        pm = self.train_pm
+        name = f"k{args.eval_k}_shallow"
+        if name not in pm.peft_config:
+            templates = relation_templates(self.data_dir, args.relation, args.eval_k)
+            pm.add_adapter(
+                name, SoftMixtureConfig(templates=templates, tokenizer_name_or_path=str(self.train_tokenizer_dir))
+            )
+        pm.set_adapter(name)
+        tokenizer = pm.tokenizer
+        facts = [f for f in relation_facts(self.data_dir, args.relation, "test") if f[0] and f[1]]
+        facts = (facts * (1 + args.eval_facts // max(1, len(facts))))[: args.eval_facts]
+        subjects = [s for s, _ in facts]
+        objects = [o for _, o in facts]
+        vocab = (self.data_dir / "vocab" / "common_vocab_cased.txt").read_text(encoding="utf-8").split()
+        ids = [tokenizer.convert_tokens_to_ids(w) for w in vocab]
+        candidates = torch.zeros(pm.word_embeddings.num_embeddings, dtype=torch.bool, device=device)
+        candidates[torch.tensor([i for i in ids if i != tokenizer.unk_token_id], device=device)] = True
+        gather_default = pm._gather_ok
+        size = args.eval_batch_facts
+
+        order_plain = list(range(len(facts)))
+        lengths = [len(tokenizer(s)["input_ids"]) for s in subjects]
+        order_sorted = sorted(order_plain, key=lambda i: lengths[i])
+        pm.encode(subjects, objects)  # warm the query cache: the eval cases below time the model, not the tokenizer
+        full_length = int(pm.encode(subjects)["input_ids"].shape[-1])
+
+        def batches(order: list[int]) -> Iterator[tuple[list[str], list[str]]]:
+            for start in range(0, len(order), size):
+                chunk = order[start : start + size]
+                yield [subjects[i] for i in chunk], [objects[i] for i in chunk]
+
+        def evaluate(
+            order: list[int],
+            candidate_mask: torch.Tensor | None = None,
+            grad_mode: Callable[[], contextlib.AbstractContextManager] = torch.inference_mode,
+            pad_to: int | None = None,
+            bf16: bool = False,
+        ) -> tuple[int, int]:
+            hits = counted = 0
+            with grad_mode(), self.amp(bf16):
+                for chunk_subjects, chunk_objects in batches(order):
+                    batch = pm.encode(chunk_subjects, chunk_objects, device=device)
+                    if pad_to is not None:
+                        batch = pad_batch(batch, pad_to, tokenizer.pad_token_id)
+                    labels = batch.pop("labels")
+                    log_probs = pm(**batch, candidate_mask=candidate_mask).log_probs
+                    keep = labels >= 0
+                    gold = log_probs[keep].gather(1, labels[keep, None])
+                    ranks = (log_probs[keep] > gold).sum(1)
+                    hits += int((ranks == 0).sum())
+                    counted += int(keep.sum())
+            return hits, counted
+
+        def case(label: str, gather: bool = True, **kwargs: Any) -> Case:
+            def setup() -> None:
+                pm.set_adapter(name)
+                pm.eval()
+                pm._gather_ok = gather_default and gather
+
+            return Case(f"eval_{label}", lambda: evaluate(**kwargs), len(facts), 0, setup, {"K": args.eval_k})
+
+        cases = [
+            case("full_vocab_sorted", order=order_sorted),
+            case("full_vocab_unsorted", order=order_plain),
+            case("full_vocab_fixed_pad", order=order_plain, pad_to=full_length),
+            case("common_vocab_sorted", order=order_sorted, candidate_mask=candidates),
+            case("full_vocab_sorted_no_grad", order=order_sorted, grad_mode=torch.no_grad),
+        ]
+        if gather_default:
+            cases.append(case("full_vocab_sorted_fullhead", gather=False, order=order_sorted))
+        if args.bf16:
+            cases.append(case("full_vocab_sorted_bf16", order=order_sorted, bf16=True))
+
+        def query_setup() -> None:
+            pm.set_adapter(name)
+            pm._gather_ok = gather_default
+
+        cases.append(
+            Case(
+                "eval_query_api_top10",
+                lambda: pm.query([subjects[i] for i in order_sorted], top_k=10, batch_size=size),
+                len(facts),
+                0,
+                query_setup,
+                {"K": args.eval_k},
+            )
+        )
+        return cases
+
+    # -- the whole T-REx test split ---------------------------------------------------------------------
+
+    def trex_model(self) -> tuple[BertForMaskedLM, str, str]:
+        probe = Path(self.args.probe_lm)
+        if (probe / "config.json").is_file():
+            model = BertForMaskedLM.from_pretrained(probe).to(self.device)
+            return model, str(probe), f"probe LM {probe}"
+        texts = []
+        for relation in sorted(p.name for p in (self.data_dir / "trex").iterdir() if p.is_dir()):
+            for split in ("train", "test"):
+                texts += [x for fact in relation_facts(self.data_dir, relation, split) for x in fact if x]
+        tok_dir = build_tokenizer(texts, PRESETS["probe"][4], self.tmp / "tok-probe")
+        return random_mlm("probe", self.device), str(tok_dir), "random model of the probe LM's shape"
+
+    def trex_eval(self, relations: list[str], per_relation: int | None) -> dict[str, Any]:
+        """Evaluate T-REx test facts, K templates per relation, from a cold query cache."""
+        args, device = self.args, self.device
+        base, tok_dir, what = self.trex_model_cache
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        pm: PeftModelForSoftMixture | None = None
+        n_facts = hits = counted = 0
+        setup_s = encode_s = 0.0
+        synchronize(device)
+        start = time.perf_counter()
+        for relation in relations:
+            facts = [f for f in relation_facts(self.data_dir, relation, "test") if f[0] and f[1]]
+            if per_relation is not None:
+                facts = facts[:per_relation]
+            t0 = time.perf_counter()
+            config = SoftMixtureConfig(
+                templates=relation_templates(self.data_dir, relation, args.eval_k), tokenizer_name_or_path=tok_dir
+            )
+            if pm is None:
+                pm = get_peft_model(base, config, adapter_name=relation)
+            else:
+                pm.add_adapter(relation, config)
+            pm.set_adapter(relation)
+            pm.eval()
+            setup_s += time.perf_counter() - t0
+            lengths = [len(s) for s, _ in facts]
+            order = sorted(range(len(facts)), key=lambda i: lengths[i])
+            with torch.inference_mode(), self.amp(args.bf16):
+                for i in range(0, len(order), args.eval_batch_facts):
+                    chunk = [facts[j] for j in order[i : i + args.eval_batch_facts]]
+                    t1 = time.perf_counter()
+                    batch = pm.encode([s for s, _ in chunk], [o for _, o in chunk], device=device)
+                    encode_s += time.perf_counter() - t1
+                    labels = batch.pop("labels")
+                    log_probs = pm(**batch).log_probs
+                    keep = labels >= 0
+                    gold = log_probs[keep].gather(1, labels[keep, None])
+                    hits += int(((log_probs[keep] > gold).sum(1) == 0).sum())
+                    counted += int(keep.sum())
+            n_facts += len(facts)
+        synchronize(device)
+        total = time.perf_counter() - start
+        del tokenizer
+        return {
+            "facts": n_facts,
+            "seconds": total,
+            "adapter_setup_s": setup_s,
+            "encode_s": encode_s,
+            "relations": len(relations),
+            "model": what,
+            "scored": counted,
+            "p_at_1_random_model": hits / max(1, counted),
+        }
+
+
+def pad_batch(batch: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad the [B, K, T] tensors of a batch to ``length`` positions (fixed padding, for comparison)."""
+    out = dict(batch)
+    extra = length - batch["input_ids"].shape[-1]
+    if extra > 0:
+        for key, value in (("input_ids", pad_id), ("attention_mask", 0), ("roles", -1)):
+            out[key] = torch.nn.functional.pad(batch[key], (0, extra), value=value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def ratio(cases: dict[str, Case], numerator: str, denominator: str) -> float | None:
+    if numerator in cases and denominator in cases:
+        return round(cases[numerator].median_s / cases[denominator].median_s, 3)
+    return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small", help="Model shape for train/eval.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed calls of every case (median reported).")
+    parser.add_argument("--warmup", type=int, default=1, help="Untimed calls of every case first.")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="Mixture sizes K to train.")
+    parser.add_argument("--batch_facts", type=int, default=32, help="Facts per training batch.")
+    parser.add_argument("--relation", default="P19", help="T-REx relation whose facts and templates are used.")
+    parser.add_argument("--eval_k", type=int, default=5)
+    parser.add_argument("--eval_facts", type=int, help="Facts per evaluation case (192 on CPU, 2048 on GPU).")
+    parser.add_argument("--eval_batch_facts", type=int, help="Facts per evaluation batch (64 on CPU, 256 on GPU).")
+    parser.add_argument("--eval_repeats", type=int, default=3, help="Timed calls of every evaluation case.")
+    parser.add_argument("--trex_sample_relations", type=int, default=6, help="Relations sampled for the estimate.")
+    parser.add_argument("--trex_sample_facts", type=int, default=200, help="Test facts per sampled relation.")
+    parser.add_argument("--full_trex_eval", action="store_true", help="Evaluate the whole T-REx test split.")
+    parser.add_argument("--bf16", action="store_true", help="Also time bf16 autocast (Accelerate) variants.")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "eval", "trex"])
+    parser.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR))
+    parser.add_argument("--probe_lm", default=str(DEFAULT_PROBE_LM))
+    args = parser.parse_args(argv)
+    on_gpu = args.device.startswith("cuda")
+    args.eval_facts = args.eval_facts or (2048 if on_gpu else 192)
+    args.eval_batch_facts = args.eval_batch_facts or (256 if on_gpu else 64)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if not (Path(args.data_dir) / "trex").is_dir():
+        raise SystemExit(
+            f"No T-REx data under {args.data_dir}; pass --data_dir (the folder with trex/ and templates/)."
+        )
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda given but torch sees no GPU; use --device cpu.")
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    machine = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    )
+    print(
+        f"torch {torch.__version__}, device {device} ({machine}), threads {torch.get_num_threads()}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, preset {args.preset} {PRESETS[args.preset]}, "
+        f"repeats {args.repeats} (eval {args.eval_repeats}), warmup {args.warmup}, bf16 {args.bf16}",
+        flush=True,
+    )
+    bench = Bench(args)
+    started = time.perf_counter()
+    cases: dict[str, Case] = {}
+    if "train" not in args.skip or "eval" not in args.skip:
+        train = bench.train_cases()
+        if "train" not in args.skip:
+            time_round_robin(train, args.repeats, args.warmup, device)
+            report("train (one step on a batch of facts)", train, cases)
+        if "eval" not in args.skip:
+            evals = bench.eval_cases()
+            time_round_robin(evals, args.eval_repeats, args.warmup, device)
+            report(f"eval ({args.eval_facts} facts, {args.eval_batch_facts} per batch)", evals, cases)
+
+    summary: dict[str, Any] = {"device": str(device), "machine": machine, "preset": args.preset}
+    mid = getattr(bench, "train_mid", "k5")
+    for k in args.ks:
+        for kind in ("shallow", "deep"):
+            summary[f"mixture_step_over_bare_k{k}_{kind}"] = ratio(cases, f"mixture_k{k}_{kind}", f"bare_k{k}")
+        if k > 1:
+            summary[f"batched_over_kloop_speedup_k{k}_shallow"] = ratio(
+                cases, f"kloop_k{k}_shallow", f"mixture_k{k}_shallow"
+            )
+    summary[f"batched_over_kloop_speedup_{mid}_deep"] = ratio(cases, f"kloop_{mid}_deep", f"mixture_{mid}_deep")
+    summary["mixture_step_over_bare"] = summary.get(f"mixture_step_over_bare_{mid}_shallow")
+    summary["batched_over_kloop_speedup"] = summary.get(f"batched_over_kloop_speedup_{mid}_shallow")
+    low = f"k{min(args.ks)}"
+    summary[f"mask_head_speedup_train_{low}"] = ratio(
+        cases, f"mixture_{low}_shallow_fullhead", f"mixture_{low}_shallow"
+    )
+    summary[f"bare_mask_head_speedup_{low}"] = ratio(cases, f"bare_{low}_fullhead", f"bare_{low}")
+    summary["mixture_k1_over_peft_prompt_tuning"] = ratio(cases, "mixture_k1_shallow", "peft_prompt_tuning")
+    summary[f"mixture_{mid}_over_peft_prompt_tuning"] = ratio(cases, f"mixture_{mid}_shallow", "peft_prompt_tuning")
+    summary[f"no_dropout_speedup_train_{mid}"] = ratio(
+        cases, f"mixture_{mid}_shallow", f"mixture_{mid}_shallow_no_dropout"
+    )
+    summary[f"encode_warm_over_step_{mid}"] = ratio(cases, f"encode_{mid}_warm_cache", f"mixture_{mid}_shallow")
+    if args.bf16:
+        summary[f"bf16_speedup_train_{mid}_shallow"] = ratio(
+            cases, f"mixture_{mid}_shallow", f"mixture_{mid}_shallow_bf16"
+        )
+        summary[f"bf16_mixture_step_over_bare_{mid}"] = ratio(cases, f"mixture_{mid}_shallow_bf16", f"bare_{mid}_bf16")
+        summary["bf16_speedup_eval"] = ratio(cases, "eval_full_vocab_sorted", "eval_full_vocab_sorted_bf16")
+    if "eval_full_vocab_sorted" in cases:
+        summary["eval_facts_per_s_full_vocab"] = round(args.eval_facts / cases["eval_full_vocab_sorted"].median_s, 1)
+        summary["eval_facts_per_s_common_vocab"] = round(
+            args.eval_facts / cases["eval_common_vocab_sorted"].median_s, 1
+        )
+    summary["eval_common_over_full_vocab"] = ratio(cases, "eval_common_vocab_sorted", "eval_full_vocab_sorted")
+    summary["eval_sorted_speedup"] = ratio(cases, "eval_full_vocab_unsorted", "eval_full_vocab_sorted")
+    summary["eval_dynamic_pad_speedup"] = ratio(cases, "eval_full_vocab_fixed_pad", "eval_full_vocab_unsorted")
+    summary["eval_inference_mode_over_no_grad_speedup"] = ratio(
+        cases, "eval_full_vocab_sorted_no_grad", "eval_full_vocab_sorted"
+    )
+    summary["eval_mask_head_speedup"] = ratio(cases, "eval_full_vocab_sorted_fullhead", "eval_full_vocab_sorted")
+    summary["eval_query_api_over_eval"] = ratio(cases, "eval_query_api_top10", "eval_full_vocab_sorted")
+
+    if "trex" not in args.skip:
+        bench.trex_model_cache = bench.trex_model()
+        relations = sorted(p.name for p in (Path(args.data_dir) / "trex").iterdir() if p.is_dir())
+        if args.full_trex_eval:
+            result = bench.trex_eval(relations, None)
+            minutes = result["seconds"] / 60
+        else:
+            picked = random.Random(0).sample(relations, min(args.trex_sample_relations, len(relations)))
+            bench.trex_eval(picked[:1], 32)  # warm-up: first adapter, kernels
+            result = bench.trex_eval(picked, args.trex_sample_facts)
+            per_fact = (result["seconds"] - result["adapter_setup_s"]) / result["facts"]
+            per_relation = result["adapter_setup_s"] / result["relations"]
+            minutes = (TREX_TEST_FACTS * per_fact + len(relations) * per_relation) / 60
+        result["facts_per_s"] = round(result["facts"] / result["seconds"], 1)
+        print(f"\n== T-REx test evaluation (K={args.eval_k}, {result['model']}) ==")
+        print(json.dumps({"group": "trex", "case": "trex_test_eval", "full": args.full_trex_eval, **result}))
+        print(
+            f"{result['facts']} facts of {result['relations']} relations in {result['seconds']:.1f} s "
+            f"({result['facts_per_s']} facts/s, adapter setup {result['adapter_setup_s']:.1f} s): "
+            f"{'measured' if args.full_trex_eval else 'projected'} {minutes:.1f} minutes for {TREX_TEST_FACTS:,} facts"
+        )
+        summary["trex_test_eval_minutes"] = round(minutes, 2)
+        summary["trex_test_eval_measured"] = bool(args.full_trex_eval)
+        summary["trex_eval_facts_per_s"] = result["facts_per_s"]
+        summary["trex_eval_model"] = result["model"]
+
+    summary["total_benchmark_s"] = round(time.perf_counter() - started, 1)
+    summary = {k: v for k, v in summary.items() if v is not None}
+    print()
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

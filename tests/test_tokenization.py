@@ -1,0 +1,92 @@
+"""Property test: where `encode_query` puts soft words, the subject and the mask agrees with the tokenizer itself."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+from factories import WORDS, bpe_tokenizer, unigram_tokenizer, wordpiece_tokenizer
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from peft_softmix.tokenization import HARD, MASK, SUBJECT, encode_query, template_layout
+
+FAMILIES = {
+    "wordpiece": wordpiece_tokenizer,
+    "bpe": bpe_tokenizer,
+    "unigram": lambda d: unigram_tokenizer(d, mask_token="<mask>"),
+    "unigram-bracket-mask": lambda d: unigram_tokenizer(d, mask_token="[MASK]"),
+}
+
+# known words (one token), and made-up ones that the tokenizer has to spell out
+word = st.one_of(st.sampled_from(WORDS), st.text(alphabet=string.ascii_letters, min_size=1, max_size=6))
+stretch = st.lists(word, max_size=3)
+subject_word = st.one_of(
+    st.sampled_from(WORDS), st.text(alphabet=string.ascii_letters + string.digits + "-'.&", min_size=1, max_size=8)
+)
+subjects = st.lists(subject_word, min_size=1, max_size=3).map(" ".join)
+
+
+@st.composite
+def templates(draw) -> tuple[str, bool]:
+    """A template and whether every piece of it is separated by a space (as in LAMA's templates)."""
+    before, between, after = draw(stretch), draw(stretch), draw(stretch)
+    assume(before or between or after)
+    first, second = draw(st.sampled_from([("[X]", "[Y]"), ("[Y]", "[X]")]))
+    pieces = [*before, first, *between, second, *after]
+    spaced = draw(st.booleans())
+    separators = [" " if spaced else draw(st.sampled_from([" ", " ", ""])) for _ in pieces[1:]]
+    text = pieces[0] + "".join(sep + piece for sep, piece in zip(separators, pieces[1:]))
+    return text, all(sep == " " for sep in separators)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_tokenizer(request, tmp_path_factory):
+    folder = FAMILIES[request.param](tmp_path_factory.mktemp(request.param))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def squeeze(text: str) -> str:
+    return "".join(text.split())
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(template=templates(), subject=subjects)
+def test_placement_matches_the_tokenizer(family_tokenizer, template, subject):
+    tokenizer = family_tokenizer
+    template, spaced = template
+    layout = template_layout(tokenizer, template)
+    query = encode_query(tokenizer, layout, subject)
+    filled = template.replace("[X]", "\0").replace("[Y]", tokenizer.mask_token).replace("\0", subject)
+
+    # the model sees exactly what the tokenizer makes of the filled sentence
+    assert query.input_ids == tokenizer(filled)["input_ids"]
+    assert len(query.roles) == len(query.input_ids)
+
+    # one mask, where the tokenizer put the mask token
+    assert query.roles.count(MASK) == 1 and query.roles[query.mask_position] == MASK
+    assert [i for i, t in enumerate(query.input_ids) if t == tokenizer.mask_token_id] == [query.mask_position]
+
+    # special tokens keep their frozen embeddings
+    special = set(tokenizer.all_special_ids) - {tokenizer.mask_token_id}
+    assert all(role == HARD for t, role in zip(query.input_ids, query.roles) if t in special)
+
+    # the subject's tokens spell the subject (a token glued across the slot edge may carry a template character)
+    subject_ids = [t for t, role in zip(query.input_ids, query.roles) if role == SUBJECT]
+    decoded = squeeze(tokenizer.decode(subject_ids))
+    if spaced:
+        assert decoded == squeeze(subject)
+    else:
+        assert squeeze(subject) in decoded
+
+    # every soft word sits on the very token it was initialised from, in template order
+    soft = [(role, t) for t, role in zip(query.input_ids, query.roles) if role >= 0]
+    assert [role for role, _ in soft] == sorted({role for role, _ in soft})
+    assert all(layout.token_ids[role] == t for role, t in soft)
+    if not query.mismatched:
+        assert [t for _, t in soft] == layout.token_ids
+        assert [role for role, _ in soft] == list(range(layout.num_soft_words))
+    if spaced:
+        # with a space around every slot, no subject can change how the template words tokenise
+        assert not query.mismatched, (template, subject, tokenizer.convert_ids_to_tokens(query.input_ids))
