@@ -31,8 +31,6 @@ DEEP_UNSUPPORTED: dict[str, str] = {
     "funnel": "Funnel pools the sequence between its blocks, so after the first block there are no template "
     "positions left to add offsets to.",
     "perceiver": "Perceiver's layers act on a fixed array of latent vectors, not on the token positions.",
-    "reformer": "Reformer's reversible layers recompute their inputs from their outputs in the backward pass, so "
-    "an offset added before a layer would be lost.",
     "squeezebert": "SqueezeBERT calls its layers' forward() directly, which bypasses the hooks that add the "
     "offsets (and its layers take channel-first hidden states).",
 }
@@ -45,10 +43,6 @@ PADDING_SENSITIVE: dict[str, str] = {
     "funnel": "Funnel's pooling mixes pad positions into the pooled sequence.",
     "yoso": "YOSO's hashing-based attention approximation does not fully exclude pad positions.",
 }
-
-# Where the generic "largest stack of identical blocks" rule picks the wrong stack: the dotted path from the
-# masked-LM model to the layer list that deep offsets should enter.
-LAYER_STACKS: dict[str, str] = {}
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -109,10 +103,6 @@ def input_embeddings(model: nn.Module) -> nn.Embedding:
 
 def layer_stack(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks that deep offsets enter, in order (a shared block appears once)."""
-    path = LAYER_STACKS.get(model_type(model))
-    if path is not None:
-        stack = model.get_submodule(path)
-        return list(stack) if isinstance(stack, nn.ModuleList) else [stack]
     config = getattr(model, "config", None)
     get_encoder = getattr(model, "get_encoder", None)
     if getattr(config, "is_encoder_decoder", False) and callable(get_encoder):

@@ -58,7 +58,8 @@ def _is_table(module: nn.Module, vocab_size: int | None) -> bool:
 def tied_embedding_modules(model: nn.Module, embeddings: nn.Module) -> list[nn.Module]:
     """Every module that looks tokens up in ``embeddings``'s table: seq2seq models keep one module per stack."""
     weight = embeddings.weight
-    tied = [m for m in model.modules() if m is not embeddings and getattr(m, "weight", None) is weight]
+    # _parameters, not getattr: a missing attribute costs an exception per module, and this runs every forward
+    tied = [m for m in model.modules() if m is not embeddings and m._parameters.get("weight") is weight]
     return [embeddings, *(m for m in tied if not isinstance(m, nn.Linear))]
 
 
@@ -182,8 +183,8 @@ def deep_prompt_hooks(layers: list[nn.Module], offsets: torch.Tensor, soft_index
         if hidden_states is None or hidden_states.shape[:2] != rows.shape:
             raise RuntimeError(
                 f"Deep prompts could not find the hidden states entering {type(module).__name__} "
-                f"(expected shape {tuple(index.shape)} + (hidden,)). This architecture needs an entry in "
-                "peft_softmix's layer table; use deep=False meanwhile."
+                f"(expected shape {tuple(index.shape)} + (hidden,)): this architecture hands its layers another "
+                "layout. Use deep=False, and report the model type so that peft_softmix/architectures.py lists it."
             )
         shifted = hidden_states + padded[depth][rows].to(hidden_states.dtype)
         if isinstance(where, int):

@@ -112,6 +112,8 @@ class PeftModelForSoftMixture(PeftModel):
         check_supported(base, deep=bool(config.deep))
         embeddings = input_embeddings(base)
         self.word_embeddings = embeddings
+        # every module that looks tokens up in that table (seq2seq models keep one per stack)
+        self._embedding_tables = tied_embedding_modules(base, embeddings)
         tokenizer = self._load_tokenizer(config)
         layouts = [template_layout(tokenizer, template) for template in config.templates]
         token_ids = [[list(segment) for segment in layout.segments] for layout in layouts]
@@ -318,8 +320,7 @@ class PeftModelForSoftMixture(PeftModel):
         with ExitStack() as stack:
             if active:
                 # the model gets token ids; only the embedding table's output changes (see soft_word_embeddings)
-                tables = tied_embedding_modules(self.base_model, self.word_embeddings)
-                stack.enter_context(soft_word_embeddings(tables, encoder, soft_index, flat_ids))
+                stack.enter_context(soft_word_embeddings(self._embedding_tables, encoder, soft_index, flat_ids))
             if active and encoder.deep_offsets is not None:
                 stack.enter_context(deep_prompt_hooks(self._layers, encoder.deep_offsets, soft_index))
             if self._gather_ok:
@@ -468,7 +469,10 @@ class PeftModelForSoftMixture(PeftModel):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args: Any, **kwargs: Any):
+    def load_adapter(  # type: ignore[override]
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, *args: Any, **kwargs: Any
+    ):
+        """Like `PeftModel.load_adapter`; ``is_trainable=True`` loads the adapter ready to train further."""
         folder = os.fspath(model_id)
         if kwargs.get("subfolder"):
             folder = os.path.join(folder, kwargs["subfolder"])
@@ -476,7 +480,8 @@ class PeftModelForSoftMixture(PeftModel):
         _check_adapter_files(os.fspath(model_id), folder, read_config=adapter_name not in self.peft_config, **kwargs)
         added = adapter_name not in self.peft_config
         try:
-            return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+            # PEFT refuses is_trainable for prompt-learning methods; ours resumes fine, so it is applied after loading
+            result = super().load_adapter(model_id, adapter_name, False, *args, **kwargs)
         except Exception as err:
             if added:  # never leave behind an adapter whose weights did not load
                 self._forget_adapter(adapter_name)
@@ -490,6 +495,23 @@ class PeftModelForSoftMixture(PeftModel):
                     "again or download it afresh."
                 ) from None
             raise
+        if is_trainable:
+            self._make_trainable(adapter_name)
+        return result
+
+    def _make_trainable(self, adapter_name: str) -> None:
+        config = self.peft_config[adapter_name]
+        config.inference_mode = False
+        self.prompt_encoder[adapter_name].set_trainable(config.train_prompts, config.train_weights)
+        self.train()
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Switch training of the given adapters on (within their config's `train_prompts`/`train_weights`) or off."""
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            config = self.peft_config[name]
+            self.prompt_encoder[name].set_trainable(
+                requires_grad and config.train_prompts, requires_grad and config.train_weights
+            )
 
     def _forget_adapter(self, adapter_name: str) -> None:
         self.peft_config.pop(adapter_name, None)
@@ -505,10 +527,7 @@ class PeftModelForSoftMixture(PeftModel):
         _check_adapter_files(os.fspath(model_id), folder, read_config=kwargs.get("config") is None, **kwargs)
         peft_model = super().from_pretrained(model, model_id, adapter_name, is_trainable=False, **kwargs)
         if is_trainable:
-            config = peft_model.peft_config[adapter_name]
-            config.inference_mode = False
-            peft_model.prompt_encoder[adapter_name].set_trainable(config.train_prompts, config.train_weights)
-            peft_model.train()
+            peft_model._make_trainable(adapter_name)
         return peft_model
 
     def push_to_hub(  # type: ignore[override]

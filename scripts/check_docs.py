@@ -71,9 +71,10 @@ def python_blocks(page: Path) -> list[str]:
 
 
 def run_page(page: Path, timeout: int) -> bool:
+    name = page.relative_to(ROOT) if page.is_relative_to(ROOT) else page
     blocks = python_blocks(page)
     if not blocks:
-        print(f"{page.relative_to(ROOT)}: no python examples")
+        print(f"{name}: no python examples")
         return True
     program = PRELUDE + "\n".join(
         f"\nprint('[check_docs] block {i} of {len(blocks)}', flush=True)\n{block}"
@@ -90,7 +91,6 @@ def run_page(page: Path, timeout: int) -> bool:
             timeout=timeout,
             env={**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)},
         )
-    name = page.relative_to(ROOT)
     if result.returncode != 0:
         print(f"{name}: FAILED ({len(blocks)} blocks)\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
         return False

@@ -119,6 +119,20 @@ def test_reload_in_process_and_resume(saved, tiny_dir):
     assert trainable == {f"prompt_encoder.default.{n}" for n in ("soft_words", "mixture_logits", "deep_offsets")}
 
 
+def test_load_adapter_trainable_and_set_requires_grad(saved, tiny_dir):
+    pm, path = saved
+    model = PeftModel.from_pretrained(fresh(tiny_dir), path)
+    model.load_adapter(path, adapter_name="again", is_trainable=True)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"prompt_encoder.again.{n}" for n in ("soft_words", "mixture_logits", "deep_offsets")}
+    model.set_requires_grad("again", requires_grad=False)
+    assert not any(p.requires_grad for p in model.parameters())
+    model.set_requires_grad(["default"])
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == {
+        f"prompt_encoder.default.{n}" for n in ("soft_words", "mixture_logits", "deep_offsets")
+    }
+
+
 def test_save_again_overwrites(saved, tiny_dir):
     pm, path = saved
     with torch.no_grad():
