@@ -175,12 +175,15 @@ def time_round_robin(cases: list[Case], repeats: int, warmup: int, device: torch
 
 def report(group: str, cases: list[Case], printed: dict[str, Case]) -> None:
     print(f"\n== {group} ==")
-    print(f"{'case':44s} {'median ms':>10s} {'min ms':>9s} {'facts/s':>10s} {'steps/s':>8s} {'tokens':>7s}")
+    print(
+        f"{'case':40s} {'median ms':>10s} {'min ms':>9s} {'cpu ms':>9s} {'facts/s':>9s} {'steps/s':>8s} {'tokens':>7s}"
+    )
     for case in cases:
         median = case.median_s
         print(
-            f"{case.name:44s} {median * 1e3:10.1f} {min(case.times) * 1e3:9.1f} {case.facts / median:10.1f} "
-            f"{1 / median:8.2f} {case.tokens:7d}"
+            f"{case.name:40s} {median * 1e3:10.1f} {min(case.times) * 1e3:9.1f} "
+            f"{statistics.median(case.cpu_times) * 1e3:9.1f} {case.facts / median:9.1f} {1 / median:8.2f} "
+            f"{case.tokens:7d}"
         )
     for case in cases:
         line = {
@@ -642,7 +645,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small", help="Model shape for train/eval.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5, help="Timed calls of every case (median reported).")
+    parser.add_argument("--repeats", type=int, help="Timed calls of every training case (3 on CPU, 5 on GPU).")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed calls of every case first.")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="Mixture sizes K to train.")
     parser.add_argument("--batch_facts", type=int, default=32, help="Facts per training batch.")
@@ -660,6 +663,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe_lm", default=str(DEFAULT_PROBE_LM))
     args = parser.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
+    args.repeats = args.repeats or (5 if on_gpu else 3)
     args.eval_facts = args.eval_facts or (2048 if on_gpu else 192)
     args.eval_batch_facts = args.eval_batch_facts or (256 if on_gpu else 64)
     return args
@@ -698,48 +702,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report(f"eval ({args.eval_facts} facts, {args.eval_batch_facts} per batch)", evals, cases)
 
     summary: dict[str, Any] = {"device": str(device), "machine": machine, "preset": args.preset}
+    by_min: dict[str, float] = {}
+    by_cpu: dict[str, float] = {}
+
+    def add(key: str, numerator: str, denominator: str) -> None:
+        """Time ratio numerator / denominator by median wall time, and by minimum and by process CPU time."""
+        if numerator not in cases or denominator not in cases:
+            return
+        top, bottom = cases[numerator], cases[denominator]
+        summary[key] = round(top.median_s / bottom.median_s, 3)
+        by_min[key] = round(min(top.times) / min(bottom.times), 3)
+        by_cpu[key] = round(statistics.median(top.cpu_times) / statistics.median(bottom.cpu_times), 3)
+
     mid = getattr(bench, "train_mid", "k5")
+    low = f"k{min(args.ks)}"
+    add("mixture_step_over_bare", f"mixture_{mid}_shallow", f"bare_{mid}")
+    add("batched_over_kloop_speedup", f"kloop_{mid}_shallow", f"mixture_{mid}_shallow")
     for k in args.ks:
         for kind in ("shallow", "deep"):
-            summary[f"mixture_step_over_bare_k{k}_{kind}"] = ratio(cases, f"mixture_k{k}_{kind}", f"bare_k{k}")
+            add(f"mixture_step_over_bare_k{k}_{kind}", f"mixture_k{k}_{kind}", f"bare_k{k}")
         if k > 1:
-            summary[f"batched_over_kloop_speedup_k{k}_shallow"] = ratio(
-                cases, f"kloop_k{k}_shallow", f"mixture_k{k}_shallow"
-            )
-    summary[f"batched_over_kloop_speedup_{mid}_deep"] = ratio(cases, f"kloop_{mid}_deep", f"mixture_{mid}_deep")
-    summary["mixture_step_over_bare"] = summary.get(f"mixture_step_over_bare_{mid}_shallow")
-    summary["batched_over_kloop_speedup"] = summary.get(f"batched_over_kloop_speedup_{mid}_shallow")
-    low = f"k{min(args.ks)}"
-    summary[f"mask_head_speedup_train_{low}"] = ratio(
-        cases, f"mixture_{low}_shallow_fullhead", f"mixture_{low}_shallow"
-    )
-    summary[f"bare_mask_head_speedup_{low}"] = ratio(cases, f"bare_{low}_fullhead", f"bare_{low}")
-    summary["mixture_k1_over_peft_prompt_tuning"] = ratio(cases, "mixture_k1_shallow", "peft_prompt_tuning")
-    summary[f"mixture_{mid}_over_peft_prompt_tuning"] = ratio(cases, f"mixture_{mid}_shallow", "peft_prompt_tuning")
-    summary[f"no_dropout_speedup_train_{mid}"] = ratio(
-        cases, f"mixture_{mid}_shallow", f"mixture_{mid}_shallow_no_dropout"
-    )
-    summary[f"encode_warm_over_step_{mid}"] = ratio(cases, f"encode_{mid}_warm_cache", f"mixture_{mid}_shallow")
-    if args.bf16:
-        summary[f"bf16_speedup_train_{mid}_shallow"] = ratio(
-            cases, f"mixture_{mid}_shallow", f"mixture_{mid}_shallow_bf16"
-        )
-        summary[f"bf16_mixture_step_over_bare_{mid}"] = ratio(cases, f"mixture_{mid}_shallow_bf16", f"bare_{mid}_bf16")
-        summary["bf16_speedup_eval"] = ratio(cases, "eval_full_vocab_sorted", "eval_full_vocab_sorted_bf16")
-    if "eval_full_vocab_sorted" in cases:
-        summary["eval_facts_per_s_full_vocab"] = round(args.eval_facts / cases["eval_full_vocab_sorted"].median_s, 1)
-        summary["eval_facts_per_s_common_vocab"] = round(
-            args.eval_facts / cases["eval_common_vocab_sorted"].median_s, 1
-        )
-    summary["eval_common_over_full_vocab"] = ratio(cases, "eval_common_vocab_sorted", "eval_full_vocab_sorted")
-    summary["eval_sorted_speedup"] = ratio(cases, "eval_full_vocab_unsorted", "eval_full_vocab_sorted")
-    summary["eval_dynamic_pad_speedup"] = ratio(cases, "eval_full_vocab_fixed_pad", "eval_full_vocab_unsorted")
-    summary["eval_inference_mode_over_no_grad_speedup"] = ratio(
-        cases, "eval_full_vocab_sorted_no_grad", "eval_full_vocab_sorted"
-    )
-    summary["eval_mask_head_speedup"] = ratio(cases, "eval_full_vocab_sorted_fullhead", "eval_full_vocab_sorted")
-    summary["eval_query_api_over_eval"] = ratio(cases, "eval_query_api_top10", "eval_full_vocab_sorted")
-
+            add(f"batched_over_kloop_speedup_k{k}_shallow", f"kloop_k{k}_shallow", f"mixture_k{k}_shallow")
+    add(f"batched_over_kloop_speedup_{mid}_deep", f"kloop_{mid}_deep", f"mixture_{mid}_deep")
+    add(f"mask_head_speedup_train_{low}", f"mixture_{low}_shallow_fullhead", f"mixture_{low}_shallow")
+    add(f"bare_mask_head_speedup_{low}", f"bare_{low}_fullhead", f"bare_{low}")
+    add("mixture_k1_over_peft_prompt_tuning", "mixture_k1_shallow", "peft_prompt_tuning")
+    add(f"mixture_{mid}_over_peft_prompt_tuning", f"mixture_{mid}_shallow", "peft_prompt_tuning")
+    add(f"no_dropout_speedup_train_{mid}", f"mixture_{mid}_shallow", f"mixture_{mid}_shallow_no_dropout")
+    add(f"encode_warm_over_step_{mid}", f"encode_{mid}_warm_cache", f"mixture_{mid}_shallow")
+    add(f"bf16_speedup_train_{mid}_shallow", f"mixture_{mid}_shallow", f"mixture_{mid}_shallow_bf16")
+    add(f"bf16_mixture_step_over_bare_{mid}", f"mixture_{mid}_shallow_bf16", f"bare_{mid}_bf16")
+    add("bf16_speedup_eval", "eval_full_vocab_sorted", "eval_full_vocab_sorted_bf16")
+    add("eval_common_over_full_vocab", "eval_common_vocab_sorted", "eval_full_vocab_sorted")
+    add("eval_sorted_speedup", "eval_full_vocab_unsorted", "eval_full_vocab_sorted")
+    add("eval_dynamic_pad_speedup", "eval_full_vocab_fixed_pad", "eval_full_vocab_unsorted")
+    add("eval_inference_mode_over_no_grad_speedup", "eval_full_vocab_sorted_no_grad", "eval_full_vocab_sorted")
+    add("eval_mask_head_speedup", "eval_full_vocab_sorted_fullhead", "eval_full_vocab_sorted")
+    add("eval_query_api_over_eval", "eval_query_api_top10", "eval_full_vocab_sorted")
+    for name in ("full_vocab", "common_vocab"):
+        if f"eval_{name}_sorted" in cases:
+            summary[f"eval_facts_per_s_{name}"] = round(args.eval_facts / cases[f"eval_{name}_sorted"].median_s, 1)
+    # on a shared machine a step that lost its core is slow by chance: the minimum and (with one thread) the
+    # process CPU time are steadier estimates than the median wall time
+    summary["ratios_by_min_wall_time"] = by_min
+    summary["ratios_by_median_process_cpu_time"] = by_cpu
     if "trex" not in args.skip:
         bench.trex_model_cache = bench.trex_model()
         relations = sorted(p.name for p in (Path(args.data_dir) / "trex").iterdir() if p.is_dir())

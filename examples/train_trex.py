@@ -227,13 +227,13 @@ RESUME_KEYS = (
     "freeze_prompts",
     "freeze_weights",
     "uniform_mixture",
-    "learning_rate",
-    "weight_decay",
     "per_device_train_batch_size",
-    "gradient_accumulation_steps",
     "seed",
     "max_train_samples",
 )
+# Settings a resumed run may change (e.g. a lower learning rate after the loss diverged); the result then differs
+# from an uninterrupted run, so the change is reported.
+RESUME_ADJUSTABLE = ("learning_rate", "weight_decay", "gradient_accumulation_steps")
 
 
 class RelationState:
@@ -435,7 +435,7 @@ def run_relation(
     main = accelerator.is_main_process
     progress = accelerator.is_local_main_process
     set_seed(args.seed)
-    settings = {key: getattr(args, key) for key in RESUME_KEYS}
+    settings = {key: getattr(args, key) for key in RESUME_KEYS + RESUME_ADJUSTABLE}
     state.reset(relation, settings)
 
     config = SoftMixtureConfig(
@@ -517,12 +517,21 @@ def run_relation(
         if state.relation != relation:
             raise InputError(f"Checkpoint {resume_from} is for relation {state.relation}, not {relation}.")
         differ = {k: (state.settings.get(k), v) for k, v in settings.items() if state.settings.get(k) != v}
-        if differ:
-            listed = "; ".join(f"--{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in differ.items())
+        fixed = {k: d for k, d in differ.items() if k in RESUME_KEYS}
+        if fixed:
+            listed = "; ".join(f"--{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in fixed.items())
             raise InputError(
                 f"Checkpoint {resume_from} was made with other settings ({listed}). Resume with the same arguments, "
                 "or start afresh in another --output_dir."
             )
+        if differ:
+            listed = "; ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in differ.items())
+            accelerator.print(f"{relation}: resuming with changed settings ({listed}); later epochs use the new ones.")
+            state.settings.update({k: new for k, (_, new) in differ.items()})
+        if optimizer is not None:
+            # the optimizer state brings back the checkpoint's learning rate; the one asked for now wins
+            for group in optimizer.param_groups:
+                group["lr"], group["weight_decay"] = args.learning_rate, args.weight_decay
         load_adapter_tensors(model, state.adapter)
     else:
         # the untrained adapter is the first candidate for "best on dev" (training must beat it)

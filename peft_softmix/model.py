@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from peft.tuners.tuners_utils import BasePromptEncoder
@@ -80,13 +81,17 @@ class SoftMixtureModel(BasePromptEncoder):
             self.deep_offsets.requires_grad_(prompts)
         self.mixture_logits.requires_grad_(weights)
 
+    @property
+    def num_templates(self) -> int:
+        return int(self.mixture_logits.shape[0])
+
     def log_weights(self) -> torch.Tensor:
         """log pi_k, the log mixture weights."""
         return torch.log_softmax(self.mixture_logits.float(), dim=0)
 
     def soft_index(self, roles: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
         """Turn per-template word numbers (``roles >= 0``) into rows of `soft_words` (-1 elsewhere)."""
-        starts = self.template_starts[template].unsqueeze(-1)
+        starts = cast(torch.Tensor, self.template_starts)[template].unsqueeze(-1)
         return torch.where(roles >= 0, roles + starts, torch.full_like(roles, -1))
 
     def forward(self, inputs_embeds: torch.Tensor, soft_index: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download
@@ -101,7 +102,7 @@ class PeftModelForSoftMixture(PeftModel):
             raise
 
     def _setup_prompt_encoder(self, adapter_name: str) -> None:
-        config: SoftMixtureConfig = self.peft_config[adapter_name]
+        config = self._softmix_config(adapter_name)
         base = self.base_model
         for param in base.parameters():
             param.requires_grad_(False)
@@ -137,7 +138,7 @@ class PeftModelForSoftMixture(PeftModel):
         config.num_layers = probe.get("depth")
 
         encoder = SoftMixtureModel(config, embeddings, layouts, deep_hidden_size=probe.get("hidden_size", 0))
-        self.prompt_encoder.update(nn.ModuleDict({adapter_name: encoder}))
+        self.prompt_encoder[adapter_name] = encoder
         self.prompt_tokens[adapter_name] = torch.arange(config.num_virtual_tokens)
         self._softmix_runtime[adapter_name] = _AdapterRuntime(tokenizer, layouts, {})
         self._layers = probe.get("layers", getattr(self, "_layers", []))
@@ -198,7 +199,7 @@ class PeftModelForSoftMixture(PeftModel):
     def _probe(self, base: nn.Module, tokenizer, layout: TemplateLayout, want_layers: bool) -> dict[str, Any]:
         """One tiny forward pass to measure the layer depth and check that the mask-only head is exact."""
         query = encode_query(tokenizer, layout, "a")
-        device = self.word_embeddings.weight.device
+        device = self.embedding_device
         input_ids = torch.tensor([query.input_ids], device=device)
         kwargs = {"attention_mask": torch.ones_like(input_ids)}
         info: dict[str, Any] = {}
@@ -230,6 +231,23 @@ class PeftModelForSoftMixture(PeftModel):
         finally:
             base.train(was_training)
         return info
+
+    # typed views of PEFT's containers (PEFT types them for every method; here they hold ours)
+
+    def _encoder(self, adapter_name: str | None = None) -> SoftMixtureModel:
+        return cast(SoftMixtureModel, self.prompt_encoder[adapter_name or self.active_adapter])
+
+    def _softmix_config(self, adapter_name: str | None = None) -> SoftMixtureConfig:
+        return cast(SoftMixtureConfig, self.peft_config[adapter_name or self.active_adapter])
+
+    @property
+    def embedding_device(self) -> torch.device:
+        """The device of the base model's input embeddings (where batches go)."""
+        return cast(torch.Tensor, cast(nn.Module, self.word_embeddings).weight).device
+
+    @property
+    def _vocab_size(self) -> int:
+        return int(cast(nn.Embedding, self.word_embeddings).num_embeddings)
 
     # -- inputs ----------------------------------------------------------------------------------------------
 
@@ -306,11 +324,11 @@ class PeftModelForSoftMixture(PeftModel):
             candidate_mask: ``[V]`` bool, restricts the distribution to these tokens (e.g. LAMA's common vocab).
         """
         B, K, T = input_ids.shape
-        encoder: SoftMixtureModel = self.prompt_encoder[self.active_adapter]
-        if len(encoder.template_starts) != K:
+        encoder = self._encoder()
+        if encoder.num_templates != K:
             raise ValueError(
                 f"The batch has {K} templates per fact but adapter '{self.active_adapter}' has "
-                f"{len(encoder.template_starts)}; encode it with this adapter active."
+                f"{encoder.num_templates}; encode it with this adapter active."
             )
         flat_ids = input_ids.reshape(B * K, T)
         flat_mask = mask_positions.reshape(B * K)
@@ -324,7 +342,7 @@ class PeftModelForSoftMixture(PeftModel):
             if active and encoder.deep_offsets is not None:
                 stack.enter_context(deep_prompt_hooks(self._layers, encoder.deep_offsets, soft_index))
             if self._gather_ok:
-                stack.enter_context(gather_mask_positions(find_backbone(self.base_model), flat_mask))
+                stack.enter_context(gather_mask_positions(cast(nn.Module, find_backbone(self.base_model)), flat_mask))
             logits = self.base_model(input_ids=flat_ids, attention_mask=attention_mask.reshape(B * K, T)).logits
         # with the mask-only head the logits are already [N, 1, V]
         logits = logits[:, 0] if self._gather_ok else logits[torch.arange(B * K, device=logits.device), flat_mask]
@@ -332,7 +350,7 @@ class PeftModelForSoftMixture(PeftModel):
         if candidate_mask is not None:
             logits = logits.masked_fill(~candidate_mask.to(logits.device), float("-inf"))
         template_log_probs = torch.log_softmax(logits, dim=-1).view(B, K, -1)
-        log_weights = encoder.log_weights() if active else torch.full((K,), -torch.log(torch.tensor(float(K))))
+        log_weights = encoder.log_weights() if active else torch.full((K,), -math.log(K))
         log_weights = log_weights.to(template_log_probs.device)
         log_probs = torch.logsumexp(template_log_probs + log_weights[None, :, None], dim=1)
         loss = None
@@ -369,10 +387,10 @@ class PeftModelForSoftMixture(PeftModel):
         self.eval()
         tokenizer = self.tokenizer
         runtime = self._softmix_runtime[self.active_adapter]
-        device = self.word_embeddings.weight.device
+        device = self.embedding_device
         candidate_mask = None
         if candidate_ids is not None:
-            candidate_mask = torch.zeros(self.word_embeddings.num_embeddings, dtype=torch.bool, device=device)
+            candidate_mask = torch.zeros(self._vocab_size, dtype=torch.bool, device=device)
             candidate_mask[torch.as_tensor(list(candidate_ids), device=device)] = True
 
         def top(log_probs: torch.Tensor) -> list[tuple[str, float]]:
@@ -429,7 +447,7 @@ class PeftModelForSoftMixture(PeftModel):
 
     def mixture_weights(self, adapter_name: str | None = None) -> list[float]:
         """The mixture weights pi_k of an adapter (the active one by default)."""
-        encoder = self.prompt_encoder[adapter_name or self.active_adapter]
+        encoder = self._encoder(adapter_name)
         return encoder.log_weights().exp().tolist()
 
     @contextmanager
@@ -500,16 +518,16 @@ class PeftModelForSoftMixture(PeftModel):
         return result
 
     def _make_trainable(self, adapter_name: str) -> None:
-        config = self.peft_config[adapter_name]
+        config = self._softmix_config(adapter_name)
         config.inference_mode = False
-        self.prompt_encoder[adapter_name].set_trainable(config.train_prompts, config.train_weights)
+        self._encoder(adapter_name).set_trainable(config.train_prompts, config.train_weights)
         self.train()
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Switch training of the given adapters on (within their config's `train_prompts`/`train_weights`) or off."""
         for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
-            config = self.peft_config[name]
-            self.prompt_encoder[name].set_trainable(
+            config = self._softmix_config(name)
+            self._encoder(name).set_trainable(
                 requires_grad and config.train_prompts, requires_grad and config.train_weights
             )
 
@@ -521,7 +539,9 @@ class PeftModelForSoftMixture(PeftModel):
         self._softmix_runtime.pop(adapter_name, None)
 
     @classmethod
-    def from_pretrained(cls, model, model_id, adapter_name: str = "default", is_trainable: bool = False, **kwargs):
+    def from_pretrained(  # type: ignore[override]
+        cls, model, model_id, adapter_name: str = "default", is_trainable: bool = False, **kwargs
+    ):
         """Like `PeftModel.from_pretrained`, and ``is_trainable=True`` resumes training the adapter."""
         folder = os.path.join(model_id, kwargs["subfolder"]) if kwargs.get("subfolder") else os.fspath(model_id)
         _check_adapter_files(os.fspath(model_id), folder, read_config=kwargs.get("config") is None, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import cast
 
 from transformers import PreTrainedTokenizerBase
 
@@ -212,4 +213,4 @@ def object_token_id(tokenizer: PreTrainedTokenizerBase, obj: str) -> int | None:
     token_id = tokenizer.convert_tokens_to_ids(pieces[0])
     if token_id is None or token_id == tokenizer.unk_token_id:
         return None
-    return int(token_id)
+    return int(cast(int, token_id))

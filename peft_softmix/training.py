@@ -185,7 +185,7 @@ def evaluate_ranks(
 
     was_training = model.training
     model.eval()
-    device = model.word_embeddings.weight.device
+    device = model.embedding_device
     mask = candidate_mask.to(device) if candidate_mask is not None else None
     indices, mixture, templates, nll = [], [], [], []
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,9 @@ pytestmark = [
     ),
 ]
 
-# Two relations whose LAMA manual template the probe LM answers badly (see examples/probe_lm/README.md).
-RELATIONS = "P36,P176"
+# Two relations whose facts the probe LM knows (corpus recall 0.82 and 0.98) but whose LAMA manual template it
+# answers badly (test P@1 0.05 and 0.12), and whose majority object is rare (0.03, 0.09): see examples/probe_lm.
+RELATIONS = "P17,P176"
 # A short run: 300 train facts per relation, and the first 300 dev and test facts (test facts are never trained on).
 SHORT_RUN = [
     "--relations", RELATIONS,
@@ -54,6 +56,17 @@ def macro_p1(results: dict, row: str) -> float:
     return results["overall"]["test"][row]["macro_p@1"]
 
 
+def majority_p1(relation: str) -> float:
+    """Test P@1 of always answering the relation's most frequent train object: a prompt must beat this too."""
+    from peft_softmix.facts import SAMPLE_DIR, load_relation
+
+    splits = load_relation(SAMPLE_DIR / "trex", relation)
+    train = Counter(f.object for f in splits["train"].facts[:300])
+    test = splits["test"].facts[:300]
+    top = train.most_common(1)[0][0]
+    return sum(f.object == top for f in test) / len(test)
+
+
 def test_soft_mixture_beats_the_manual_template(train_trex, tmp_path):
     # K=3: LAMA's manual template first, then two LPAQA mined ones; "hard_first" is the manual template itself
     results = train_trex.main(
@@ -68,6 +81,7 @@ def test_soft_mixture_beats_the_manual_template(train_trex, tmp_path):
     for relation, entry in results["relations"].items():
         test = entry["test"]
         assert test["soft"]["p@1"] > test["hard_first"]["p@1"], (relation, test)
+        assert test["soft"]["p@1"] >= majority_p1(relation) + CLEAR_MARGIN, (relation, test)
         # the mixture weights were trained: a weight gradient that never arrived would leave them uniform
         weights = entry["mixture_weights"]
         assert len(weights) == 3 and abs(sum(weights) - 1) < 1e-5
@@ -82,9 +96,16 @@ def test_random_init_soft_prompt_gets_there_too(train_trex, tmp_path):
     manual = macro_p1(results, "hard_first")
     trained = macro_p1(results, "soft")
     assert trained >= manual + CLEAR_MARGIN, (manual, trained)
+    # The probe LM guesses many objects from the subject alone, so random vectors already score (0.4 on P17, 0.8 on
+    # P176 dev), better than the misleading manual words: the bar that proves the gradient reached the soft words
+    # is the random adapter's own score before training.
+    gains = []
     for relation, entry in results["relations"].items():
         history = entry["history"]
         untrained_dev = history[0]["dev_p@1"]  # epoch 0: the random adapter before any step
         best_dev = max(h["dev_p@1"] for h in history)
-        assert best_dev >= untrained_dev + 0.3, (relation, history)
+        assert best_dev >= untrained_dev + 0.1, (relation, history)
+        gains.append(best_dev - untrained_dev)
         assert entry["test"]["soft"]["p@1"] > entry["test"]["hard_first"]["p@1"], (relation, entry["test"])
+        assert entry["test"]["soft"]["p@1"] >= majority_p1(relation) + CLEAR_MARGIN, (relation, entry["test"])
+    assert sum(gains) / len(gains) >= 0.2, gains

@@ -176,8 +176,13 @@ def test_corpus_builder_keeps_every_held_out_template_out():
     texts = {builder.template_key(s.text) for s in corpus.sentences}
     subject, obj = corpus.facts["P19"]["test"][0]
     assert builder.template_key(builder.fill("[X] was born in [Y] .", subject, obj)[0]) not in texts
-    # every probe fact is in the corpus, test split included, and made-up distractors are there too
-    assert sum(s.text.startswith(subject) or subject in s.text for s in corpus.sentences if s.kind == "fact") >= 1
+    # every probe fact is in the corpus, test split included, through 8 templates; distractors are there too
+    n_facts = sum(len(split) for split in corpus.facts["P19"].values())
+    assert len(corpus.fact_templates["P19"]) == n_facts
+    assert all(len(ts) == 8 for ts in corpus.fact_templates["P19"])
+    raw = {s.text for s in corpus.sentences}
+    first_test = len(corpus.facts["P19"]["train"]) + len(corpus.facts["P19"]["dev"])
+    assert all(builder.fill(t, subject, obj)[0] in raw for t in corpus.fact_templates["P19"][first_test])
     assert corpus.counts["attribute"] > 0 and corpus.counts["general"] > 0
 
 

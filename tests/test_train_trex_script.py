@@ -239,20 +239,24 @@ def test_resume_continues_to_the_same_result_bitwise(fx, tmp_path):
     hist_b = json.loads((resumed / "results.json").read_text())["relations"]["P19"]["history"]
     assert hist_a[1:] == hist_b[1:]
 
-    # an explicit checkpoint path works too, and other settings are refused with the differences named
+    # an explicit checkpoint path works too; settings that change the adapter's shape or data are refused
+    epoch_1 = str(resumed / "P19" / "checkpoints" / "epoch_1")
     with pytest.raises(SystemExit) as err:
-        train_trex.main(
-            argv(
-                fx,
-                resumed,
-                "--learning_rate",
-                "0.5",
-                "--resume_from_checkpoint",
-                str(resumed / "P19" / "checkpoints" / "epoch_1"),
-                model=fx.model,
-            )
-        )
-    assert "--learning_rate: checkpoint 0.1, now 0.5" in str(err.value)
+        train_trex.main(argv(fx, resumed, "--num_templates", "2", "--resume_from_checkpoint", epoch_1, model=fx.model))
+    assert "--num_templates: checkpoint 5, now 2" in str(err.value)
+
+
+def test_resume_may_lower_the_learning_rate(fx, tmp_path, capsys):
+    # what the message after a diverged loss suggests: resume from the last good checkpoint with a lower rate
+    out = tmp_path / "out"
+    train_trex.main(argv(fx, out, "--num_train_epochs", "1"))
+    capsys.readouterr()
+    train_trex.main(
+        argv(fx, out, "--learning_rate", "0", "--num_train_epochs", "2", "--resume_from_checkpoint", "latest")
+    )
+    assert "resuming with changed settings (--learning_rate 0.1 -> 0.0)" in capsys.readouterr().out
+    before, after = checkpoint_state(out, "P19", 1)["adapter"], checkpoint_state(out, "P19", 2)["adapter"]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # a zero rate: epoch 2 changed nothing
 
 
 # -- which parts are trained (the slides' table) ---------------------------------------------------------------
