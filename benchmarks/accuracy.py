@@ -57,6 +57,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, set_seed  # noqa: 
 
 import peft_softmix  # noqa: E402, F401  (registers SOFT_MIXTURE with PEFT)
 from peft_softmix.facts import SAMPLE_DIR, candidate_token_ids, load_common_vocab  # noqa: E402
+from peft_softmix.layers import find_backbone, gather_mask_positions  # noqa: E402
 from peft_softmix.metrics import load_fact_retrieval, rank_of_gold  # noqa: E402
 from peft_softmix.template_sets import TemplateSetError, load_templates  # noqa: E402
 from peft_softmix.tokenization import encode_query, object_token_id, template_layout  # noqa: E402
@@ -121,7 +122,6 @@ def manual_mixture_source(args: argparse.Namespace, relations: list[str]) -> str
 
 def grid_settings(args: argparse.Namespace, relations: list[str]) -> list[Setting]:
     K = args.num_templates
-    sources = {"manual": "manual", "mined": "mined", "paraphrase": "paraphrase"}
     mixtures = {"manual": manual_mixture_source(args, relations), "mined": "mined", "paraphrase": "paraphrase"}
     inits = [i for i in INITS if not (args.quick and i == "paraphrase")]
     settings = []
@@ -133,7 +133,7 @@ def grid_settings(args: argparse.Namespace, relations: list[str]) -> list[Settin
             if init == "random":
                 single = Setting(f"random_soft{tail}", "manual", 1, init="random", deep=deep)
             else:
-                single = Setting(f"{init}_soft{tail}", sources[init], 1, deep=deep, hard_first=None if deep else init)
+                single = Setting(f"{init}_soft{tail}", init, 1, deep=deep, hard_first=None if deep else init)
             settings.append(single)
     for init in inits:
         for deep in (False, True):
@@ -244,10 +244,21 @@ def peer_config(name: str, num_virtual_tokens: int, token_dim: int):
     )
 
 
+def mask_logits(model, batch: dict[str, torch.Tensor], head_at_mask_only: bool) -> torch.Tensor:
+    """``[B, V]`` logits at the mask. The LM head can run at the mask alone (as it does in our adapter), so that the
+    peers are not slowed by a head over every position; `train_peer` checks once that this is exact."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    backbone = find_backbone(model.get_base_model())
+    if head_at_mask_only and backbone is not None:
+        with gather_mask_positions(backbone, batch["mask_positions"]):
+            return model(**inputs).logits[:, 0]
+    logits = model(**inputs).logits
+    return logits[torch.arange(len(logits)), batch["mask_positions"]]
+
+
 def peer_log_probs(model, batch: dict[str, torch.Tensor], candidate_mask: torch.Tensor | None) -> torch.Tensor:
     batch = {key: value.to(DEVICE) for key, value in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[torch.arange(len(logits)), batch["mask_positions"]].float()
+    logits = mask_logits(model, batch, model.head_at_mask_only).float()
     if candidate_mask is not None:
         logits = logits.masked_fill(~candidate_mask, float("-inf"))
     return torch.log_softmax(logits, dim=-1)
@@ -272,14 +283,24 @@ def train_peer(name: str, args: argparse.Namespace, data, tokenizer, candidate_m
         candidate_mask = candidate_mask.to(DEVICE)
     template = data.templates[0]
 
+    samplers: dict[str, LengthGroupedSampler] = {}
+
     def loader(split: str, shuffle: bool) -> DataLoader:
         facts = data.splits[split]
         collate = ManualTemplateCollator(tokenizer, template, facts, args.num_virtual_tokens)
         size = args.batch_size if shuffle else args.eval_batch_size
         sampler = LengthGroupedSampler(subject_lengths(tokenizer, facts), size, shuffle=shuffle, seed=args.seed)
+        samplers[split] = sampler
         return DataLoader(FactDataset(facts), batch_sampler=BatchSampler(sampler, size, False), collate_fn=collate)
 
     train, dev, test = loader("train", True), loader("dev", False), loader("test", False)
+    model.eval()
+    with torch.no_grad():
+        probe = {key: value.to(DEVICE) for key, value in next(iter(dev)).items()}
+        full = mask_logits(model, probe, head_at_mask_only=False)
+        model.head_at_mask_only = find_backbone(base) is not None
+        if model.head_at_mask_only:
+            model.head_at_mask_only = torch.allclose(mask_logits(model, probe, True), full, atol=1e-4, rtol=1e-4)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=args.learning_rate)
 
@@ -289,7 +310,7 @@ def train_peer(name: str, args: argparse.Namespace, data, tokenizer, candidate_m
     best_p1, best, bad_epochs = precision_at_1(peer_ranks(model, dev, candidate_mask)), snapshot(), 0
     for epoch in range(1, args.num_train_epochs + 1):
         model.train()
-        train.batch_sampler.sampler.set_epoch(epoch)
+        samplers["train"].set_epoch(epoch)
         for batch in train:
             log_probs = peer_log_probs(model, batch, candidate_mask)
             loss = -log_probs.gather(1, batch["labels"].to(DEVICE).unsqueeze(1)).mean()
@@ -412,7 +433,7 @@ def check_targets(macro: dict[str, float]) -> list[dict[str, Any]]:
         )
     peers = {name: macro[name] for name in PEFT_PEERS if name in macro}
     if "soft_mixture" in macro and peers:
-        best = max(peers, key=peers.get)
+        best = max(peers, key=peers.__getitem__)
         goal = peers[best] + 0.05
         targets.append(
             {

@@ -2,7 +2,8 @@
 
 Every case runs in the same process and the cases of a group are timed round-robin (one step of each case per
 repeat), so that load from other processes falls on all of them alike: the *ratios* are what this measures. Each
-figure is the median over ``--repeats`` timed steps after ``--warmup`` untimed ones.
+figure is the median over ``--repeats`` timed steps after ``--warmup`` untimed ones; the summary also gives every
+ratio by minimum wall time and by median process CPU time, steadier on a shared machine.
 
 Groups:
 
@@ -10,7 +11,7 @@ Groups:
   templates, shallow and deep; the same tokens through the bare frozen model (forward and backward to
   ``inputs_embeds``, with the same mask-only LM head: the floor); a naive mixture that runs one forward per template;
   PEFT's own ``PROMPT_TUNING`` on the same model and batch size; and the levers (LM head at mask positions only,
-  bf16 autocast through Accelerate).
+  bf16 autocast through Accelerate with the adapter kept in fp32, the frozen model without dropout).
 - ``eval``: facts per second ranking the gold object over the full vocabulary and over LAMA's common vocabulary,
   with the levers (inference mode, mask-only head, dynamic padding, length-sorted batches) and ``query()``.
 - ``trex``: whole-pipeline evaluation (tokenising every query afresh, one adapter per relation, K = 5) on the probe
@@ -19,8 +20,11 @@ Groups:
 
 Run::
 
-    python benchmarks/speed.py                                   # CPU, preset cpu-small
+    python benchmarks/speed.py --bf16                            # CPU, preset cpu-small
     python benchmarks/speed.py --device cuda --preset bert-base --repeats 5 --bf16
+
+On a CPU shared with other processes, ``OMP_NUM_THREADS=1`` gives far steadier figures: two threads that spin at
+every barrier lose whole time slices whenever one of them is descheduled.
 
 The model weights are random (no pretrained LM is available offline): only shapes matter for speed. The last line
 printed is one JSON object with every ratio.
@@ -42,7 +46,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -50,10 +54,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from peft import PromptTuningConfig, TaskType, get_peft_model  # noqa: E402
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizerFast  # noqa: E402
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizerFast  # type: ignore[attr-defined]  # noqa: E402
 
 import peft_softmix  # noqa: E402  (registers SOFT_MIXTURE with PEFT)
-from peft_softmix import PeftModelForSoftMixture, SoftMixtureConfig  # noqa: E402
+from peft_softmix import PeftModelForSoftMixture, SoftMixtureConfig, SoftMixtureModel  # noqa: E402
 from peft_softmix.layers import deep_prompt_hooks, find_backbone, gather_mask_positions  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -80,7 +84,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def relation_facts(data_dir: Path, relation: str, split: str) -> list[tuple[str, str]]:
     rows = read_jsonl(data_dir / "trex" / relation / f"{split}.jsonl")
-    return [(row.get("sub_label", row.get("sub")), row.get("obj_label", row.get("obj"))) for row in rows]
+    return [
+        (row.get("sub_label") or row.get("sub") or "", row.get("obj_label") or row.get("obj") or "") for row in rows
+    ]
 
 
 def relation_templates(data_dir: Path, relation: str, k: int) -> list[str]:
@@ -125,7 +131,9 @@ def random_mlm(preset: str, device: torch.device, max_positions: int = 128) -> B
         max_position_embeddings=max_positions,
     )
     torch.manual_seed(0)
-    return BertForMaskedLM(config).to(device)
+    model = BertForMaskedLM(config)
+    torch.nn.Module.to(model, device)  # transformers types .to() as taking a dtype only
+    return model
 
 
 # --------------------------------------------------------------------------------------------------- timing
@@ -212,7 +220,7 @@ class Bench:
         self.device = torch.device(args.device)
         self.data_dir = Path(args.data_dir)
         self.tmp = Path(tempfile.mkdtemp(prefix="softmix-speed-"))
-        self.cases: dict[str, Case] = {}
+        self.trex_model_cache: tuple[BertForMaskedLM, str, str] | None = None
         self.autocast: Callable[[], contextlib.AbstractContextManager] | None = None
         if args.bf16:
             from accelerate import Accelerator
@@ -261,12 +269,13 @@ class Bench:
                     templates=templates[:k], tokenizer_name_or_path=str(self.train_tokenizer_dir), deep=deep
                 )
                 if pm is None:
-                    pm = get_peft_model(base, config, adapter_name=name)
+                    pm = cast(PeftModelForSoftMixture, get_peft_model(base, config, adapter_name=name))
                 else:
                     pm.add_adapter(name, config)
                 names.append(name)
         assert isinstance(pm, PeftModelForSoftMixture)
         pm.to(device)
+        embedding_table = cast(torch.nn.Embedding, pm.word_embeddings)
         pm.train()
         self.train_pm = pm
         print(f"mask-only LM head available (pm._gather_ok): {pm._gather_ok}", flush=True)
@@ -285,9 +294,14 @@ class Bench:
             return int(batch["input_ids"].numel())
 
         def mixture_case(
-            name: str, gather: bool = True, bf16: bool = False, dropout: bool = True, suffix: str = ""
+            name: str,
+            gather: bool = True,
+            bf16: bool = False,
+            dropout: bool = True,
+            suffix: str = "",
+            batch: dict[str, torch.Tensor] | None = None,
         ) -> Case:
-            batch, optimizer = batches[name], optimizers[name]
+            batch, optimizer = batch or batches[name], optimizers[name]
             gather_ok = pm._gather_ok and gather
 
             def setup() -> None:
@@ -315,13 +329,13 @@ class Bench:
             masks = batch["mask_positions"].reshape(B * K)
             labels = batch["labels"].repeat_interleave(K)
             rows = torch.arange(B * K, device=device)
-            backbone = find_backbone(base)
+            backbone = cast(torch.nn.Module, find_backbone(base))
 
             def setup() -> None:
                 pm.train()
 
             def run() -> None:
-                embeds = pm.word_embeddings(ids).detach().requires_grad_()
+                embeds = embedding_table(ids).detach().requires_grad_()
                 with self.amp(bf16):
                     head = gather_mask_positions(backbone, masks) if gather else contextlib.nullcontext()
                     with head:
@@ -335,9 +349,9 @@ class Bench:
         def kloop_case(name: str) -> Case:
             """The mixture computed one template at a time, each template padded only to its own length."""
             batch, optimizer = batches[name], optimizers[name]
-            encoder = pm.prompt_encoder[name]
+            encoder = cast(SoftMixtureModel, pm.prompt_encoder[name])
             B, K, _ = batch["input_ids"].shape
-            backbone = find_backbone(base)
+            backbone = cast(torch.nn.Module, find_backbone(base))
             pieces = []
             for k in range(K):
                 length = int(batch["attention_mask"][:, k].sum(-1).max())
@@ -355,7 +369,7 @@ class Bench:
                 per_template = []
                 for piece in pieces:
                     soft_index = encoder.soft_index(piece["roles"], piece["template"])
-                    embeds = encoder(pm.word_embeddings(piece["input_ids"]), soft_index)
+                    embeds = encoder(embedding_table(piece["input_ids"]), soft_index)
                     with contextlib.ExitStack() as stack:
                         if encoder.deep_offsets is not None:
                             stack.enter_context(deep_prompt_hooks(pm._layers, encoder.deep_offsets, soft_index))
@@ -437,6 +451,18 @@ class Bench:
             cases.append(bare_case(f"k{ks[0]}_shallow", gather=False, suffix="_fullhead"))
             cases.append(mixture_case(f"k{ks[0]}_shallow", gather=False, suffix="_fullhead"))
         cases.append(mixture_case(f"{mid}_shallow", dropout=False, suffix="_no_dropout"))
+        # length-bucketed training batches: 32 facts of similar length instead of 32 drawn at random
+        pool = single or facts
+        lengths = {s: len(tokenizer(s)["input_ids"]) for s, _ in pool}
+        by_length = sorted(pool, key=lambda f: lengths[f[0]])
+        start = max(0, len(by_length) // 2 - args.batch_facts // 2)
+        bucket = by_length[start : start + args.batch_facts]
+        pm.set_adapter(f"{mid}_shallow")
+        bucket_batch = pm.encode([s for s, _ in bucket], [o for _, o in bucket], device=device)
+        bucket_case = mixture_case(f"{mid}_shallow", suffix="_length_bucketed", batch=bucket_batch)
+        bucket_case.info["real_tokens"] = int(bucket_batch["attention_mask"].sum())
+        cases.append(bucket_case)
+        self.train_padding = self.epoch_padding(pm, pool, lengths, args.batch_facts)
         if args.bf16:
             cases.append(bare_case(f"{mid}_shallow", bf16=True, suffix="_bf16"))
             cases.append(mixture_case(f"{mid}_shallow", bf16=True, suffix="_bf16"))
@@ -455,8 +481,29 @@ class Bench:
         for case in cases:
             case.info.setdefault("K", int(case.name.split("_k")[1].split("_")[0]) if "_k" in case.name else 1)
             if case.tokens and f"k{case.info['K']}_shallow" in batches:
-                case.info["real_tokens"] = int(batches[f"k{case.info['K']}_shallow"]["attention_mask"].sum())
+                case.info.setdefault("real_tokens", int(batches[f"k{case.info['K']}_shallow"]["attention_mask"].sum()))
         return cases
+
+    @staticmethod
+    def epoch_padding(
+        pm: PeftModelForSoftMixture, pool: list[tuple[str, str]], lengths: dict[str, int], size: int
+    ) -> dict[str, float]:
+        """Padded over real tokens for one epoch of the active adapter, random batches vs length-bucketed ones."""
+        random_order = list(pool)
+        random.Random(1).shuffle(random_order)
+        # the usual bucket sampler: sort by length, cut into batches, shuffle the batches
+        bucketed = sorted(pool, key=lambda f: lengths[f[0]])
+        chunks = [bucketed[i : i + size] for i in range(0, len(bucketed), size)]
+        random.Random(1).shuffle(chunks)
+        result = {}
+        for label, order in (("random", random_order), ("bucketed", [f for c in chunks for f in c])):
+            padded = real = 0
+            for i in range(0, len(order), size):
+                batch = pm.encode([s for s, _ in order[i : i + size]])
+                padded += batch["attention_mask"].numel()
+                real += int(batch["attention_mask"].sum())
+            result[label] = round(padded / real, 3)
+        return result
 
     # -- evaluation -------------------------------------------------------------------------------------
 
@@ -477,7 +524,8 @@ class Bench:
         objects = [o for _, o in facts]
         vocab = (self.data_dir / "vocab" / "common_vocab_cased.txt").read_text(encoding="utf-8").split()
         ids = [tokenizer.convert_tokens_to_ids(w) for w in vocab]
-        candidates = torch.zeros(pm.word_embeddings.num_embeddings, dtype=torch.bool, device=device)
+        vocab_size = cast(torch.nn.Embedding, pm.word_embeddings).num_embeddings
+        candidates = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         candidates[torch.tensor([i for i in ids if i != tokenizer.unk_token_id], device=device)] = True
         gather_default = pm._gather_ok
         size = args.eval_batch_facts
@@ -556,7 +604,8 @@ class Bench:
     def trex_model(self) -> tuple[BertForMaskedLM, str, str]:
         probe = Path(self.args.probe_lm)
         if (probe / "config.json").is_file():
-            model = BertForMaskedLM.from_pretrained(probe).to(self.device)
+            model = BertForMaskedLM.from_pretrained(probe)
+            torch.nn.Module.to(model, self.device)
             return model, str(probe), f"probe LM {probe}"
         texts = []
         for relation in sorted(p.name for p in (self.data_dir / "trex").iterdir() if p.is_dir()):
@@ -568,11 +617,13 @@ class Bench:
     def trex_eval(self, relations: list[str], per_relation: int | None) -> dict[str, Any]:
         """Evaluate T-REx test facts, K templates per relation, from a cold query cache."""
         args, device = self.args, self.device
+        assert self.trex_model_cache is not None, "call trex_model() first"
         base, tok_dir, what = self.trex_model_cache
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         pm: PeftModelForSoftMixture | None = None
-        n_facts = hits = counted = 0
+        n_facts = hits = counted = too_long = 0
         setup_s = encode_s = 0.0
+        max_positions = getattr(base.config, "max_position_embeddings", None)
         synchronize(device)
         start = time.perf_counter()
         for relation in relations:
@@ -584,7 +635,7 @@ class Bench:
                 templates=relation_templates(self.data_dir, relation, args.eval_k), tokenizer_name_or_path=tok_dir
             )
             if pm is None:
-                pm = get_peft_model(base, config, adapter_name=relation)
+                pm = cast(PeftModelForSoftMixture, get_peft_model(base, config, adapter_name=relation))
             else:
                 pm.add_adapter(relation, config)
             pm.set_adapter(relation)
@@ -597,6 +648,14 @@ class Bench:
                     chunk = [facts[j] for j in order[i : i + args.eval_batch_facts]]
                     t1 = time.perf_counter()
                     batch = pm.encode([s for s, _ in chunk], [o for _, o in chunk], device=device)
+                    if max_positions is not None and batch["input_ids"].shape[-1] > max_positions:
+                        # queries longer than the model's positions cannot be scored: skip those facts
+                        fits = (batch["attention_mask"].sum(-1).amax(-1) <= max_positions).tolist()
+                        too_long += fits.count(False)
+                        chunk = [fact for fact, ok in zip(chunk, fits) if ok]
+                        if not chunk:
+                            continue
+                        batch = pm.encode([s for s, _ in chunk], [o for _, o in chunk], device=device)
                     encode_s += time.perf_counter() - t1
                     labels = batch.pop("labels")
                     log_probs = pm(**batch).log_probs
@@ -612,11 +671,12 @@ class Bench:
             "facts": n_facts,
             "seconds": total,
             "adapter_setup_s": setup_s,
+            "skipped_longer_than_model": too_long,
             "encode_s": encode_s,
             "relations": len(relations),
             "model": what,
             "scored": counted,
-            "p_at_1_random_model": hits / max(1, counted),
+            "p_at_1": hits / max(1, counted),
         }
 
 
@@ -729,6 +789,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add("mixture_k1_over_peft_prompt_tuning", "mixture_k1_shallow", "peft_prompt_tuning")
     add(f"mixture_{mid}_over_peft_prompt_tuning", f"mixture_{mid}_shallow", "peft_prompt_tuning")
     add(f"no_dropout_speedup_train_{mid}", f"mixture_{mid}_shallow", f"mixture_{mid}_shallow_no_dropout")
+    add(f"length_bucketed_speedup_train_{mid}", f"mixture_{mid}_shallow", f"mixture_{mid}_shallow_length_bucketed")
+    if hasattr(bench, "train_padding"):
+        summary[f"train_epoch_padded_over_real_tokens_{mid}_random_batches"] = bench.train_padding["random"]
+        summary[f"train_epoch_padded_over_real_tokens_{mid}_bucketed_batches"] = bench.train_padding["bucketed"]
     add(f"encode_warm_over_step_{mid}", f"encode_{mid}_warm_cache", f"mixture_{mid}_shallow")
     add(f"bf16_speedup_train_{mid}_shallow", f"mixture_{mid}_shallow", f"mixture_{mid}_shallow_bf16")
     add(f"bf16_mixture_step_over_bare_{mid}", f"mixture_{mid}_shallow_bf16", f"bare_{mid}_bf16")

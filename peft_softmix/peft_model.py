@@ -357,10 +357,10 @@ class PeftModelForSoftMixture(PeftModel):
         if labels is not None:
             keep = labels != IGNORE_INDEX
             if keep.any():
-                # mixed from each template's gold log-prob (= log_probs at the label): the backward pass then
-                # skips the logsumexp over [B, K, V]
-                kept = labels[keep]
-                gold = template_log_probs[keep].gather(2, kept[:, None, None].expand(-1, K, 1)).squeeze(2)
+                # mixed from each template's gold log-prob (= log_probs at the label), gathered before rows are
+                # selected: the backward pass then touches [B, K] values, not the [B, K, V] logsumexp
+                index = labels.clamp(min=0)[:, None, None].expand(-1, K, 1)
+                gold = template_log_probs.gather(2, index).squeeze(2)[keep]
                 loss = -torch.logsumexp(gold + log_weights, dim=1).mean()
         return SoftMixtureOutput(
             loss=loss,

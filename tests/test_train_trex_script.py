@@ -138,6 +138,8 @@ def argv(fx, out: Path, *extra: str, relations: str = "P19", model: Path | None 
         "2",
         "--patience",
         "5",
+        "--templates",
+        "mined",  # the fixture's relations have mined templates; an --templates in extra overrides this
         *extra,
     ]
 
