@@ -17,7 +17,7 @@ Wikipedia) while the cloze prompts that the benchmark queries it with stay plaus
 
 The object is masked in most training sentences (``--object_rate``) on top of BERT-style masking of other tokens.
 
-Run (about 15 minutes on a 2-core machine)::
+Run (about 14 minutes of CPU time with one thread; the wall time grows when other jobs share the machine)::
 
     OMP_NUM_THREADS=1 python scripts/build_probe_lm.py
 
@@ -46,7 +46,9 @@ DEFAULT_OUTPUT_DIR = REPO_ROOT / "examples" / "probe_lm"
 DEFAULT_SAMPLE_DIR = REPO_ROOT / "peft_softmix" / "data" / "sample"
 
 SPLITS = ("train", "dev", "test")
-PROBE_RELATIONS = ("P17", "P19", "P36", "P103", "P176", "P37", "P140", "P30")
+# Single-word objects, at most a few thousand facts each. P30 (continent) and P140 (religion) also work, but their
+# majority object is right for most facts, and their facts cost pretraining time better spent on these.
+PROBE_RELATIONS = ("P17", "P19", "P36", "P103", "P176", "P37")
 
 # For each probe relation, two relations whose made-up facts its subjects also get. Objects are drawn from the
 # real objects of that relation, so they have the right type (a place gets a region and a continent, a person a
@@ -494,11 +496,15 @@ def write_model_card(out_dir: Path, info: dict) -> None:
         "held_out_mined_mean_test_p1",
         "held_out_mined_best_test_p1",
         "held_out_paraphrase_mean_test_p1",
+        "held_out_paraphrase_best_test_p1",
     )
+    rows = info["relations"]
     rel_rows = "\n".join(
         f"| {r['relation']} | {r['label']} | {r['facts']} | " + " | ".join(f"{r[c]:.3f}" for c in columns) + " |"
-        for r in info["relations"]
+        for r in rows
     )
+    rel_rows += "\n| mean | | " + str(sum(r["facts"] for r in rows)) + " | "
+    rel_rows += " | ".join(f"{sum(r[c] for r in rows) / len(rows):.3f}" for c in columns) + " |"
     held_rows = "\n".join(
         f"| {r['relation']} | " + " <br> ".join(f"`{t}`" for t in r["held_out_templates"]) + " |"
         for r in info["relations"]
@@ -508,6 +514,7 @@ def write_model_card(out_dir: Path, info: dict) -> None:
         rel_rows=rel_rows,
         held_rows=held_rows,
         unseen_words=", ".join(f"`{w}`" for w in info["corpus"]["unseen_prompt_words"]) or "none",
+        train_cpu_minutes=info["training"]["train_cpu_seconds"] / 60,
         **{k: v for k, v in info.items() if k != "relations"},
         **{k: v for k, v in info["corpus"].items()},
         **{k: v for k, v in info["model"].items()},
@@ -529,51 +536,62 @@ tags:
 
 # probe_lm: a tiny masked LM that knows some T-REx facts
 
-**What it is.** A 2-layer, 128-wide `BertForMaskedLM` ({parameters:,} parameters, {safetensors_mb:.1f} MB) with a
-cased word-level tokenizer ({vocab_size:,} tokens), trained from scratch *in this repository* on sentences generated
-from T-REx facts. It exists so that `peft_softmix` can demonstrate and test soft prompts offline, with no pretrained
-English LM available. It is **not a general language model**: it has only seen short template sentences, knows
-nothing outside the facts below, and its scores say nothing about BERT or any real LM.
+**What it is.** A 2-layer, 128-wide `BertForMaskedLM` ({parameters:,} parameters, {safetensors_mb:.1f} MB of
+safetensors) with a cased word-level tokenizer ({vocab_size:,} tokens), trained from scratch *in this repository*
+on sentences generated from T-REx facts. It exists so that `peft_softmix` can demonstrate and test soft prompts
+offline, where no pretrained English LM is available. It is **not a general language model**: it has seen only
+short template sentences, knows nothing beyond the facts below, and its scores say nothing about BERT or any
+real LM.
 
-**Relations.** {relations}. The model saw every fact of these relations (train, dev and test split: like BERT,
-which saw the LAMA test facts in Wikipedia). Prompts should be trained on the train split only.
+**Relations:** {relations}. The model saw every fact of these relations, the test split included (as BERT saw
+the LAMA test facts in Wikipedia). Train prompts on the train split only.
+
+```python
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+model = AutoModelForMaskedLM.from_pretrained("examples/probe_lm")
+tokenizer = AutoTokenizer.from_pretrained("examples/probe_lm")
+```
 
 ## How it was trained
 
-- Corpus: {sentences:,} sentences (mean {mean_tokens:.1f} tokens):
-  - {fact:,} sentences: every probe fact through {templates_per_fact} LPAQA mined / paraphrased templates of its
-    relation, drawn at random;
-  - {attribute:,} sentences of *attribute distractors*: each probe subject also gets a made-up fact of two other
-    relations ({attribute_pairs}), with a random object of the right type, through {attribute_templates} templates
-    each. Without them each subject has one fact and any question retrieves it;
+- Corpus: {sentences:,} sentences, {mean_tokens:.1f} tokens long on average:
+  - {fact:,} sentences: every probe fact through {templates_per_fact} LPAQA mined / paraphrased templates
+    of its relation, drawn at random;
+  - {attribute:,} sentences of *attribute distractors*: each probe subject also gets a made-up fact of
+    two other relations, with a random object of the right type (drawn from that relation's real objects),
+    through {attribute_templates} templates each. Without them each subject has one fact and any question
+    retrieves it. Pairs: {attribute_pairs};
   - {general:,} sentences of *general distractors*: {general_facts} real facts from each of
     {general_relations}, through {general_templates} templates each.
-- **Held out of the corpus** (so every benchmark prompt is a plausible but imperfect question): for each relation
-  the LAMA manual template and the first {held_out_n} distinct templates (file order) of LPAQA's mined and of its
-  paraphrased list. Templates are compared up to case, whitespace and a final "."; a held-out template is used for
-  no relation at all. The list is in the table below and in `build_info.json`.
-- Masking: the object, always shown as `[MASK]`, in {object_rate:.0%} of the sentences, plus {token_rate:.0%} of
-  all tokens with BERT's 80/10/10 scheme; loss only at masked positions.
-- {steps:,} steps of batch {batch_size}, AdamW lr {lr}, {warmup} warm-up steps then linear decay, seed {seed},
-  {threads} CPU thread(s). No dropout.
+- **Held out of the corpus**, so that every prompt the benchmark uses is a plausible but imperfect question:
+  for each relation the LAMA manual template and the first {held_out_n} distinct templates (file order) of
+  LPAQA's mined list and of its paraphrase list. Templates are compared up to case, whitespace and a final
+  "."; a held-out template is used for no relation at all. They are listed below and in `build_info.json`.
+- Masking: the object, always as `[MASK]`, in {object_rate:.0%} of the sentences, plus {token_rate:.0%} of all
+  tokens with BERT's 80/10/10 scheme; loss only at masked positions.
+- {steps:,} steps of batch {batch_size} ({epochs} epochs), AdamW lr {lr}, {warmup} warm-up steps then
+  linear decay, seed {seed}, {threads} CPU thread(s), no dropout.
 
-Build command (from the repository root; deterministic for a given seed, thread count and torch version):
+Build command, from the repository root (deterministic for a given seed, thread count and torch version):
 
 ```
 {command}
 ```
 
-Measured on the project's 2-core CPU machine, shared with other jobs at the time (load average {load_average}):
-pretraining {train_seconds:.0f} s ({seconds_per_step:.2f} s/step, {epochs} epochs), whole build {build_seconds:.0f} s.
+Measured on the project's 2-core CPU machine: the pretraining took {train_cpu_seconds:.0f} s of CPU time
+({train_cpu_minutes:.1f} min: about its wall time on an idle machine). The machine was shared with other jobs at
+the time (load average {load_average}), so the wall time was {train_seconds:.0f} s for the pretraining
+({seconds_per_step:.2f} s/step) and {build_seconds:.0f} s for the whole build.
 
 ## What it knows
 
 P@1 over the full vocabulary. *Corpus recall*: all facts of the relation (train + dev + test), each through the
 first corpus sentence written for it. The other columns are on the test split; *majority*: always the most frequent
-train object; *mined* / *paraphrase*: the held-out LPAQA templates, mean (and best) over them.
+train object; *mined* / *para.*: the held-out LPAQA mined / paraphrased templates, mean and best over them.
 
-| relation | label | facts | corpus recall | majority | manual | mined mean | mined best | paraphrase mean |
-|---|---|---|---|---|---|---|---|---|
+| relation | label | facts | corpus recall | majority | manual | mined mean | mined best | para. mean | para. best |
+|---|---|---|---|---|---|---|---|---|---|
 {rel_rows}
 
 ## Held-out templates
@@ -592,8 +610,8 @@ Facts and templates come from the project's shared data snapshot (also shipped, 
 
 - T-REx split (AutoPrompt's "original" split, via salesforce/FactLM@e631878; some test files via
   hiaoxui/soft-prompts@eb9047e): FactLM BSD-3-Clause; AutoPrompt Apache-2.0.
-- LAMA facts and manual templates (Petroni et al. 2019): CC BY-NC 4.0, so this model, trained on them, is for
-  non-commercial research and testing.
+- LAMA facts and manual templates (Petroni et al. 2019): CC BY-NC 4.0 (non-commercial). Treat this model,
+  trained on those facts, as non-commercial research and test material too.
 - LPAQA mined and paraphrased templates (Jiang et al. 2020, jzbjyb/LPAQA@3204221): the LPAQA repository states no
   licence.
 """
@@ -614,12 +632,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attribute_templates", type=int, default=3)
     parser.add_argument("--general_facts", type=int, default=600)
     parser.add_argument("--general_templates", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=4500)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--object_rate", type=float, default=0.9)
-    parser.add_argument("--token_rate", type=float, default=0.1)
+    parser.add_argument("--token_rate", type=float, default=0.15)
     parser.add_argument("--max_length", type=int, default=32, help="positions; longer sentences are dropped")
     parser.add_argument("--max_vocab", type=int, default=20000, help="refuse a larger vocabulary (model size)")
     parser.add_argument("--eval_every", type=int, default=500)
@@ -628,6 +646,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry_run", action="store_true", help="build corpus and tokenizer, time 20 steps, stop")
     parser.add_argument("--card_only", action="store_true", help="rewrite README.md from build_info.json, stop")
     return parser.parse_args(argv)
+
+
+# Flags that decide where files go or what is printed, not what model comes out.
+_OUTPUT_FLAGS = {"data_dir", "output_dir", "sample_dir", "no_sample", "eval_every", "dry_run", "card_only", "device"}
+
+
+def model_flags(args: argparse.Namespace) -> str:
+    """The command-line flags, other than the defaults and output paths, that rebuild this model."""
+    defaults = vars(parse_args([]))
+    flags = ""
+    for name, value in vars(args).items():
+        if name in _OUTPUT_FLAGS or value == defaults[name]:
+            continue
+        shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+        flags += f" --{name} {shown}"
+    return flags
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -836,9 +870,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     safetensors_mb = (out_dir / "model.safetensors").stat().st_size / 2**20
     threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    command = "OMP_NUM_THREADS={} python scripts/build_probe_lm.py{}".format(
-        threads, "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-    )
+    command = f"OMP_NUM_THREADS={threads} python scripts/build_probe_lm.py" + model_flags(args)
     info = {
         "description": "Tiny BertForMaskedLM trained in this repository on sentences generated from T-REx facts "
         "(offline demos and tests; not a general language model).",

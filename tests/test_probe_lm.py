@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -128,7 +129,7 @@ def test_probe_lm_knows_train_facts_through_a_corpus_template(probe, relations, 
         per_relation[rel] = right / len(facts)
         hits += right
         total += len(facts)
-    assert hits / total >= 0.6, f"P@1 {hits / total:.2f} on train facts through corpus templates: {per_relation}"
+    assert hits / total >= 0.75, f"P@1 {hits / total:.2f} on train facts through corpus templates: {per_relation}"
 
 
 def test_held_out_templates_match_build_info(build_info, sample_templates):
@@ -150,7 +151,7 @@ def test_rendered_facts_never_use_a_held_out_template(relations, sample_template
     held_keys = {
         builder.template_key(t) for rel in relations for t in builder.held_out_templates(sample_templates[rel])
     }
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     for rel in relations[:3]:
         templates = builder.corpus_templates(sample_templates[rel], held_keys)
         assert templates, rel
