@@ -104,6 +104,8 @@ def script_args(fx, out: Path, *extra: str) -> list[str]:
         str(fx.root / "trex"),
         "--templates_dir",
         str(fx.root / "templates"),
+        "--templates",
+        "mined",
         "--relations",
         "P19",
         "--num_templates",
