@@ -27,8 +27,8 @@ pytestmark = [
     ),
 ]
 
-# Two relations whose facts the probe LM knows (corpus recall 0.82 and 0.98) but whose LAMA manual template it
-# answers badly (test P@1 0.05 and 0.12), and whose majority object is rare (0.03, 0.09): see examples/probe_lm.
+# Two relations whose facts the probe LM knows (corpus recall 0.99 and 0.99) but whose LAMA manual template it
+# answers badly (test P@1 0.26 and 0.08), and whose majority object is rare (0.03, 0.09): see examples/probe_lm.
 RELATIONS = "P17,P176"
 # A short run: 300 train facts per relation, and the first 300 dev and test facts (test facts are never trained on).
 SHORT_RUN = [
@@ -96,9 +96,9 @@ def test_random_init_soft_prompt_gets_there_too(train_trex, tmp_path):
     manual = macro_p1(results, "hard_first")
     trained = macro_p1(results, "soft")
     assert trained >= manual + CLEAR_MARGIN, (manual, trained)
-    # The probe LM guesses many objects from the subject alone, so random vectors already score (0.4 on P17, 0.8 on
-    # P176 dev), better than the misleading manual words: the bar that proves the gradient reached the soft words
-    # is the random adapter's own score before training.
+    # The probe LM guesses many objects from the subject alone, so random vectors already score well above zero on
+    # dev, sometimes better than the misleading manual words: the bar that proves the gradient reached the soft
+    # words is the random adapter's own score before training.
     gains = []
     for relation, entry in results["relations"].items():
         history = entry["history"]
