@@ -110,7 +110,8 @@ class FactSplit:
         return [f.object for f in self.facts]
 
 
-def _parse_line(path: Path, lineno: int, line: str, relation: str | None) -> Fact:
+def read_json_object(path: Path, lineno: int, line: str) -> dict:
+    """One jsonl line as a JSON object; `DataFormatError` naming the file and line otherwise."""
     where = f"{path}, line {lineno}"
     try:
         record = json.loads(line)
@@ -118,6 +119,12 @@ def _parse_line(path: Path, lineno: int, line: str, relation: str | None) -> Fac
         raise DataFormatError(f"{where}: not valid JSON ({err.msg} at column {err.colno}).") from None
     if not isinstance(record, dict):
         raise DataFormatError(f"{where}: expected a JSON object, found {type(record).__name__}.")
+    return record
+
+
+def _parse_line(path: Path, lineno: int, line: str, relation: str | None) -> Fact:
+    where = f"{path}, line {lineno}"
+    record = read_json_object(path, lineno, line)
     for sub_key, obj_key in _FIELD_STYLES:
         if sub_key in record or obj_key in record:
             break

@@ -20,11 +20,10 @@ so it still needs templates from one of the sources above.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .facts import SAMPLE_DIR, DataFormatError
+from .facts import SAMPLE_DIR, DataFormatError, read_json_object
 from .tokenization import TemplateError, validate_template
 
 TEMPLATE_FILES = {
@@ -125,12 +124,7 @@ def _read_entries(path: Path) -> list[_Entry]:
             if not line.strip():
                 continue
             where = f"{path}, line {lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{where}: not valid JSON ({err.msg} at column {err.colno}).") from None
-            if not isinstance(record, dict):
-                raise DataFormatError(f"{where}: expected a JSON object, found {type(record).__name__}.")
+            record = read_json_object(path, lineno, line)
             for key in ("relation", "template"):
                 if not isinstance(record.get(key), str):
                     raise DataFormatError(
