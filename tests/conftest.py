@@ -84,3 +84,23 @@ def run_python(code: str, env: dict[str, str] | None = None, timeout: int = 120)
     )
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def save_tiny_bert(folder: Path, vocab: list[str], dropout: float) -> None:
+    """Save a tiny BERT (seed 0, wide init) and a WordPiece tokenizer over ``vocab`` into ``folder``."""
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=False)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        # a wide init makes the tiny model's answers depend on its input, so prompts can be learned
+        initializer_range=0.5,
+    )
+    BertForMaskedLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

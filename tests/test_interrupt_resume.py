@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+from conftest import save_tiny_bert
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "train_trex.py"
@@ -69,20 +69,7 @@ def fx(tmp_path_factory) -> SimpleNamespace:
     """A tiny BERT with dropout (so the restored random state matters) and one relation of synthetic facts."""
     root = tmp_path_factory.mktemp("interrupt")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "was", "born", "in", "is", "from", ".", *SUBJECTS, *CITIES]
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=False).save_pretrained(root / "model")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
-        initializer_range=0.5,
-    )
-    BertForMaskedLM(config).save_pretrained(root / "model")
+    save_tiny_bert(root / "model", vocab, dropout=0.1)
     rng = random.Random(0)
     subjects = iter(rng.sample([f"{a} {b}" for a in SUBJECTS for b in SUBJECTS if a != b], 72))
     for split, n in (("train", 40), ("dev", 16), ("test", 16)):

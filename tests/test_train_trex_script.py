@@ -17,8 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import save_tiny_bert
 from safetensors.torch import load_file
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizerFast
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertTokenizerFast
 
 import peft_softmix  # noqa: F401
 from peft_softmix import PeftModelForSoftMixture
@@ -52,25 +53,6 @@ train_trex = load_script()
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-
-
-def save_tiny_bert(folder: Path, vocab: list[str], dropout: float) -> None:
-    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=False)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        # a wide init makes the tiny model's answers depend on its input, so prompts can be learned
-        initializer_range=0.5,
-    )
-    BertForMaskedLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 import torch
+from conftest import save_tiny_bert
 from peft import get_peft_model
 from torch.utils.data import BatchSampler, DataLoader
-from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+from transformers import BertForMaskedLM
 
 import peft_softmix  # noqa: F401
 from peft_softmix import SoftMixtureConfig
@@ -42,21 +43,7 @@ TEMPLATES = ["[X] was born in [Y] .", "[X] is from the city of [Y] ."]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_training")
-    vocab = WORDS + NAMES + CITIES
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=False).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        initializer_range=0.5,
-    )
-    BertForMaskedLM(config).save_pretrained(folder)
+    save_tiny_bert(folder, WORDS + NAMES + CITIES, dropout=0.0)
     return folder
 
 
