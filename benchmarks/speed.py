@@ -58,7 +58,12 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertTokeniz
 
 import peft_softmix  # noqa: E402  (registers SOFT_MIXTURE with PEFT)
 from peft_softmix import PeftModelForSoftMixture, SoftMixtureConfig, SoftMixtureModel  # noqa: E402
-from peft_softmix.layers import deep_prompt_hooks, find_backbone, gather_mask_positions  # noqa: E402
+from peft_softmix.layers import (  # noqa: E402
+    SoftPositions,
+    deep_prompt_hooks,
+    find_backbone,
+    gather_mask_positions,
+)
 
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_PROBE_LM = REPO_ROOT / "examples" / "probe_lm"
@@ -286,7 +291,11 @@ class Bench:
             pm.set_adapter(name)
             batches[name] = pm.encode(subjects, objects, device=device)
         optimizers = {
-            name: torch.optim.Adam([p for p in pm.prompt_encoder[name].parameters() if p.requires_grad], lr=1e-3)
+            name: torch.optim.Adam(
+                [p for p in pm.prompt_encoder[name].parameters() if p.requires_grad],
+                lr=1e-3,
+                fused=device.type == "cuda",
+            )
             for name in names
         }
 
@@ -368,11 +377,11 @@ class Bench:
             def forward() -> torch.Tensor:
                 per_template = []
                 for piece in pieces:
-                    soft_index = encoder.soft_index(piece["roles"], piece["template"])
-                    embeds = encoder(embedding_table(piece["input_ids"]), soft_index)
+                    positions = SoftPositions.of(encoder.soft_index(piece["roles"], piece["template"]))
+                    embeds = encoder(embedding_table(piece["input_ids"]), positions)
                     with contextlib.ExitStack() as stack:
                         if encoder.deep_offsets is not None:
-                            stack.enter_context(deep_prompt_hooks(pm._layers, encoder.deep_offsets, soft_index))
+                            stack.enter_context(deep_prompt_hooks(pm._layers, encoder.deep_offsets, positions))
                         if pm._gather_ok:
                             stack.enter_context(gather_mask_positions(backbone, piece["mask_positions"]))
                         logits = base(inputs_embeds=embeds, attention_mask=piece["attention_mask"]).logits
@@ -415,7 +424,9 @@ class Bench:
                 adapter_name="peer",
             ).to(device)
             pt.train()
-            optimizer = torch.optim.Adam([p for p in pt.parameters() if p.requires_grad], lr=1e-3)
+            optimizer = torch.optim.Adam(
+                [p for p in pt.parameters() if p.requires_grad], lr=1e-3, fused=device.type == "cuda"
+            )
             ids = batch["input_ids"][:, 0]
             attention = batch["attention_mask"][:, 0]
             masks = batch["mask_positions"][:, 0] + n_virtual
@@ -623,7 +634,6 @@ class Bench:
         pm: PeftModelForSoftMixture | None = None
         n_facts = hits = counted = too_long = 0
         setup_s = encode_s = 0.0
-        max_positions = getattr(base.config, "max_position_embeddings", None)
         synchronize(device)
         start = time.perf_counter()
         for relation in relations:
@@ -647,15 +657,15 @@ class Bench:
                 for i in range(0, len(order), args.eval_batch_facts):
                     chunk = [facts[j] for j in order[i : i + args.eval_batch_facts]]
                     t1 = time.perf_counter()
-                    batch = pm.encode([s for s, _ in chunk], [o for _, o in chunk], device=device)
-                    if max_positions is not None and batch["input_ids"].shape[-1] > max_positions:
+                    limit = pm.max_query_length
+                    if limit is not None:
                         # queries longer than the model's positions cannot be scored: skip those facts
-                        fits = (batch["attention_mask"].sum(-1).amax(-1) <= max_positions).tolist()
+                        fits = [n <= limit for n in pm.query_lengths([s for s, _ in chunk])]
                         too_long += fits.count(False)
                         chunk = [fact for fact, ok in zip(chunk, fits) if ok]
                         if not chunk:
                             continue
-                        batch = pm.encode([s for s, _ in chunk], [o for _, o in chunk], device=device)
+                    batch = pm.encode([s for s, _ in chunk], [o for _, o in chunk], device=device)
                     encode_s += time.perf_counter() - t1
                     labels = batch.pop("labels")
                     log_probs = pm(**batch).log_probs

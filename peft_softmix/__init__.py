@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from .config import PEFT_TYPE, TASK_TYPE, SoftMixtureConfig, SoftMixtureInit  # noqa: E402
 from .model import AdapterLoadError, SoftMixtureModel  # noqa: E402
-from .peft_model import PeftModelForSoftMixture, SoftMixtureOutput  # noqa: E402
+from .peft_model import PeftModelForSoftMixture, QueryTooLongError, SoftMixtureOutput  # noqa: E402
 from .registration import register  # noqa: E402
 from .tokenization import TemplateError, object_token_id  # noqa: E402
 
@@ -19,6 +19,7 @@ __all__ = [
     "TASK_TYPE",
     "AdapterLoadError",
     "PeftModelForSoftMixture",
+    "QueryTooLongError",
     "SoftMixtureConfig",
     "SoftMixtureInit",
     "SoftMixtureModel",

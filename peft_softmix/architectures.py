@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,6 +121,25 @@ def layer_stack(model: nn.Module) -> list[nn.Module]:
     return find_layer_stack(model)
 
 
+def max_query_length(model: nn.Module, tokenizer: Any) -> int | None:
+    """The most tokens a query may have: the model's position table, or the tokenizer's limit if smaller.
+
+    RoBERTa-style tables number positions from ``padding_idx + 1``, so they hold that many positions fewer. None
+    when neither the model nor the tokenizer states a limit.
+    """
+    limits = []
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        table = next((m for n, m in model.named_modules() if n.endswith("position_embeddings")), None)
+        padding_idx = getattr(table, "padding_idx", None)
+        limits.append(positions - (padding_idx + 1 if isinstance(padding_idx, int) else 0))
+    stated = getattr(tokenizer, "model_max_length", None)
+    # tokenizers without a limit state a huge sentinel (int(1e30))
+    if isinstance(stated, int) and 0 < stated < 1_000_000:
+        limits.append(stated)
+    return min(limits) if limits else None
+
+
 # -- the end-to-end check ----------------------------------------------------------------------------------------
 
 CHECK_TEMPLATES = ("[X] was born in [Y] .", "[X] is a subclass of [Y] .")
@@ -223,6 +243,9 @@ def check_architecture(
         if not moved > 1e-4:
             raise AssertionError(f"a training step left the predictions unchanged (max change {moved:.1e})")
 
+        stage = "position limit"
+        result.details["max_query_length"] = _check_position_limit(peft_model)
+
         stage = "save and reload"
         with tempfile.TemporaryDirectory() as folder:
             peft_model.save_pretrained(folder)
@@ -241,6 +264,29 @@ def check_architecture(
         result.stage = stage
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_position_limit(peft_model: Any) -> int | None:
+    """A query exactly as long as `max_query_length` runs; one token more is refused before the model sees it."""
+    from .peft_model import QueryTooLongError
+
+    limit = peft_model.max_query_length
+    if limit is None:
+        return None
+    # " in" is one token in every tokenizer family of the matrix, so the query grows a token per repetition
+    base_length = peft_model.query_lengths(["in"])[0] - 1
+    longest = " ".join(["in"] * (limit - base_length))
+    if peft_model.query_lengths([longest])[0] != limit:
+        raise AssertionError(f"could not build a query of exactly {limit} tokens")
+    with torch.no_grad():
+        log_probs = peft_model(**peft_model.encode([longest])).log_probs
+    if not torch.isfinite(log_probs).all():
+        raise AssertionError(f"a query of {limit} tokens (the stated limit) gives non-finite scores")
+    try:
+        peft_model.encode([longest + " in"])
+    except QueryTooLongError:
+        return limit
+    raise AssertionError(f"a query of {limit + 1} tokens was not refused")
 
 
 def _gap_to_hard_prompts(base: nn.Module, batch: dict, template_log_probs: torch.Tensor) -> float:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
@@ -106,17 +107,58 @@ def count_layer_calls(layers: list[nn.Module]) -> Iterator[LayerCallCounter]:
             handle.remove()
 
 
+@dataclass(frozen=True)
+class SoftPositions:
+    """Where the soft words of a batch of ``num_rows`` rows of ``length`` tokens sit, as flat indices.
+
+    Position ``index[i]`` of the flattened ``[num_rows * length]`` batch holds soft word ``words[i]``. Adding or
+    writing at these P positions only (``index_add`` / ``index_copy``) costs O(P) in forward and backward, where a
+    dense gather over all positions would scatter gradients for every token.
+    """
+
+    index: torch.Tensor
+    words: torch.Tensor
+    num_rows: int
+    length: int
+
+    @classmethod
+    def of(cls, soft_index: torch.Tensor) -> SoftPositions:
+        """From ``soft_index`` (``[N, T]``, the soft word at each position, -1 for none)."""
+        flat = soft_index.reshape(-1)
+        # the one host-device synchronisation of a forward pass: the number of soft positions sizes what follows
+        index = (flat >= 0).nonzero().squeeze(1)
+        return cls(index, flat[index], soft_index.shape[0], soft_index.shape[1])
+
+    def padded_to(self, length: int) -> SoftPositions:
+        """The same words in rows padded on the right to ``length``."""
+        if length == self.length:
+            return self
+        index = self.index // self.length * length + self.index % self.length
+        return SoftPositions(index, self.words, self.num_rows, length)
+
+    def shifted_right(self) -> SoftPositions:
+        """The words one position to the right within their rows; a word in a row's last position drops out."""
+        keep = self.index % self.length != self.length - 1
+        return SoftPositions(self.index[keep] + 1, self.words[keep], self.num_rows, self.length)
+
+
+def add_at(hidden: torch.Tensor, positions: SoftPositions, values: torch.Tensor) -> torch.Tensor:
+    """``hidden`` (``[N, T, H]``) plus ``values[i]`` at flat position ``positions.index[i]``, out of place."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return flat.index_add(0, positions.index, values.to(hidden.dtype)).view(hidden.shape)
+
+
 @contextmanager
 def soft_word_embeddings(
     embeddings: nn.Module | list[nn.Module],
-    put_soft_words: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    soft_index: torch.Tensor,
+    put_soft_words: Callable[[torch.Tensor, SoftPositions, Any], torch.Tensor],
+    positions: SoftPositions,
     input_ids: torch.Tensor,
 ) -> Iterator[None]:
     """Make the embedding table's output carry the soft words at template positions of ``input_ids``.
 
-    ``put_soft_words(embeds, soft_index)`` returns ``embeds`` with the soft words where ``soft_index >= 0`` (the
-    adapter's `SoftMixtureModel`).
+    ``put_soft_words(embeds, positions, scale)`` returns ``embeds`` with the soft words, times ``scale`` unless it is
+    None, at ``positions`` (the adapter's `SoftMixtureModel`).
 
     The model still receives token ids, so everything it derives from them (position ids that skip padding, ESM's
     mask-token rescaling, a seq2seq decoder's shifted input) is exactly what the hard prompt gets. A lookup of the
@@ -125,27 +167,27 @@ def soft_word_embeddings(
     output (``embed_scale``) scale the soft words alike.
     """
     modules = embeddings if isinstance(embeddings, list) else [embeddings]
-    shifted_index = F.pad(soft_index[:, :-1], (1, 0), value=-1)
+    num_rows, length = input_ids.shape
 
-    def hook(module, args, kwargs, output):
-        ids = args[0] if args else kwargs.get("input")
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != input_ids.shape[0]:
-            return None
-        length = input_ids.shape[1]
-        if ids.shape[1] < length:
+    def lookup_positions(ids: object) -> SoftPositions | None:
+        if ids is input_ids:
+            # the usual case, decided without comparing values (a host-device synchronisation on a GPU)
+            return positions
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != num_rows or ids.shape[1] < length:
             return None
         if torch.equal(ids[:, :length], input_ids):
             # models that pad the ids on the right to a block size (Longformer, Reformer, MRA) look up a longer row
-            index = F.pad(soft_index, (0, ids.shape[1] - length), value=-1)
-        elif ids.shape[1] == length and torch.equal(ids[:, 1:], input_ids[:, :-1]):
-            index = shifted_index
-        else:
+            return positions.padded_to(ids.shape[1])
+        if ids.shape[1] == length and torch.equal(ids[:, 1:], input_ids[:, :-1]):
+            return positions.shifted_right()
+        return None
+
+    def hook(module, args, kwargs, output):
+        where = lookup_positions(args[0] if args else kwargs.get("input"))
+        if where is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        mixed = put_soft_words(hidden, index)
-        scale = getattr(module, "embed_scale", None)
-        if scale is not None:
-            mixed = torch.where((index >= 0).unsqueeze(-1), mixed * scale, hidden)
+        mixed = put_soft_words(hidden, where, getattr(module, "embed_scale", None))
         return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
 
     handles = [module.register_forward_hook(hook, with_kwargs=True) for module in modules]
@@ -157,15 +199,14 @@ def soft_word_embeddings(
 
 
 @contextmanager
-def deep_prompt_hooks(layers: list[nn.Module], offsets: torch.Tensor, soft_index: torch.Tensor) -> Iterator[None]:
-    """Add ``offsets[l][soft_index]`` to the hidden state entering the l-th layer call, for l < len(offsets).
+def deep_prompt_hooks(layers: list[nn.Module], offsets: torch.Tensor, positions: SoftPositions) -> Iterator[None]:
+    """Add ``offsets[l][word]`` to the hidden state entering the l-th layer call at each soft word's position.
 
-    ``offsets`` is ``[L, n_soft, H]``; ``soft_index`` is ``[N, T]`` with -1 where no offset applies.
+    ``offsets`` is ``[L, n_soft, H]``; only the first L layer calls get an offset.
     """
-    num_deep, n_soft, hidden = offsets.shape
-    # one extra zero row so that a single gather serves every position
-    padded = torch.cat([offsets, offsets.new_zeros(num_deep, 1, hidden)], dim=1)
-    index = torch.where(soft_index >= 0, soft_index, n_soft)
+    num_deep = offsets.shape[0]
+    # every layer's offsets gathered in one call; unbind gives each layer its slice with one gradient stack backward
+    per_layer = offsets.index_select(1, positions.words).unbind(0)
     calls = [0]
 
     def hook(module, args, kwargs):
@@ -174,19 +215,20 @@ def deep_prompt_hooks(layers: list[nn.Module], offsets: torch.Tensor, soft_index
         if depth >= num_deep:
             return None
         hidden_states, where = _hidden_from_call(args, kwargs)
-        rows = index
-        if hidden_states is not None and hidden_states.dim() == 3 and hidden_states.shape[0] == index.shape[0]:
-            # models that pad the sequence on the right inside (Longformer, to its attention window)
-            extra = hidden_states.shape[1] - index.shape[1]
-            if extra > 0:
-                rows = F.pad(index, (0, extra), value=n_soft)
-        if hidden_states is None or hidden_states.shape[:2] != rows.shape:
+        if (
+            hidden_states is None
+            or hidden_states.dim() != 3
+            or hidden_states.shape[0] != positions.num_rows
+            or hidden_states.shape[1] < positions.length
+        ):
             raise RuntimeError(
                 f"Deep prompts could not find the hidden states entering {type(module).__name__} "
-                f"(expected shape {tuple(index.shape)} + (hidden,)): this architecture hands its layers another "
-                "layout. Use deep=False, and report the model type so that peft_softmix/architectures.py lists it."
+                f"(expected shape {(positions.num_rows, positions.length)} + (hidden,)): this architecture hands its "
+                "layers another layout. Use deep=False, and report the model type so that "
+                "peft_softmix/architectures.py lists it."
             )
-        shifted = hidden_states + padded[depth][rows].to(hidden_states.dtype)
+        # models that pad the sequence on the right inside (Longformer, to its attention window) get longer rows
+        shifted = add_at(hidden_states, positions.padded_to(hidden_states.shape[1]), per_layer[depth])
         if isinstance(where, int):
             return (shifted, *args[1:]), kwargs
         kwargs = dict(kwargs)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import Any, cast
 
 import torch
 from peft.tuners.tuners_utils import BasePromptEncoder
 from torch import nn
 
 from .config import AdapterLoadError, SoftMixtureConfig, SoftMixtureInit
+from .layers import SoftPositions
 from .tokenization import TemplateLayout
 
 ADAPTER_KEYS = ("soft_words", "mixture_logits", "deep_offsets")
@@ -94,10 +95,13 @@ class SoftMixtureModel(BasePromptEncoder):
         starts = cast(torch.Tensor, self.template_starts)[template].unsqueeze(-1)
         return torch.where(roles >= 0, roles + starts, torch.full_like(roles, -1))
 
-    def forward(self, inputs_embeds: torch.Tensor, soft_index: torch.Tensor) -> torch.Tensor:
-        """Put the soft words in their template positions of ``inputs_embeds``."""
-        soft = self.soft_words.to(inputs_embeds.dtype)[soft_index.clamp(min=0)]
-        return torch.where((soft_index >= 0).unsqueeze(-1), soft, inputs_embeds)
+    def forward(self, inputs_embeds: torch.Tensor, positions: SoftPositions, scale: Any = None) -> torch.Tensor:
+        """Put the soft words (times ``scale``, the embedding's own scale if it has one) at their ``positions``."""
+        words = self.soft_words.index_select(0, positions.words)
+        if scale is not None:
+            words = words * scale
+        flat = inputs_embeds.reshape(-1, inputs_embeds.shape[-1])
+        return flat.index_copy(0, positions.index, words.to(inputs_embeds.dtype)).view(inputs_embeds.shape)
 
     # -- PEFT's (de)serialisation hooks ------------------------------------------------------------------------
 

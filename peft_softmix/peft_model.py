@@ -20,9 +20,10 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
-from .architectures import check_supported, input_embeddings, layer_stack
+from .architectures import check_supported, input_embeddings, layer_stack, max_query_length
 from .config import SoftMixtureConfig
 from .layers import (
+    SoftPositions,
     count_layer_calls,
     deep_prompt_hooks,
     find_backbone,
@@ -40,7 +41,7 @@ IGNORE_INDEX = -100
 class SoftMixtureOutput(ModelOutput):
     """
     Args:
-        loss: mean of -log p(y|x) over the examples that have a label.
+        loss: mean of -log p(y|x) over the examples that have a label (0, with no gradient, if none has one).
         log_probs: ``[B, V]`` log of the mixture distribution over the vocabulary at the mask.
         template_log_probs: ``[B, K, V]`` each template's log p_k(y|x), when asked for.
         log_weights: ``[K]`` log mixture weights.
@@ -50,6 +51,10 @@ class SoftMixtureOutput(ModelOutput):
     log_probs: torch.Tensor | None = None
     template_log_probs: torch.Tensor | None = None
     log_weights: torch.Tensor | None = None
+
+
+class QueryTooLongError(ValueError):
+    """A filled template has more tokens than the base model has positions."""
 
 
 @dataclass
@@ -62,6 +67,7 @@ class _AdapterRuntime:
     # the same queries as [T, 2] tensors of (input id, role), and objects' token ids: what `encode` collates
     rows: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     object_ids: dict[str | None, int | None] = field(default_factory=dict)
+    max_length: int | None = None
 
 
 class PeftModelForSoftMixture(PeftModel):
@@ -140,7 +146,9 @@ class PeftModelForSoftMixture(PeftModel):
         encoder = SoftMixtureModel(config, embeddings, layouts, deep_hidden_size=probe.get("hidden_size", 0))
         self.prompt_encoder[adapter_name] = encoder
         self.prompt_tokens[adapter_name] = torch.arange(config.num_virtual_tokens)
-        self._softmix_runtime[adapter_name] = _AdapterRuntime(tokenizer, layouts, {})
+        self._softmix_runtime[adapter_name] = _AdapterRuntime(
+            tokenizer, layouts, {}, max_length=max_query_length(base, tokenizer)
+        )
         self._layers = probe.get("layers", getattr(self, "_layers", []))
         self._gather_ok = probe["gather_ok"]
 
@@ -281,6 +289,8 @@ class PeftModelForSoftMixture(PeftModel):
         padded = pad_sequence(rows, batch_first=True, padding_value=-1)  # [B * K, T, 2]; role -1 = hard
         T = padded.shape[1]
         lengths = torch.tensor([len(q.input_ids) for q in queries])
+        if runtime.max_length is not None and len(queries) and int(lengths.max()) > runtime.max_length:
+            self._raise_too_long(queries, subjects, runtime.max_length)
         attention_mask = (torch.arange(T) < lengths[:, None]).long()
         input_ids = padded[..., 0].masked_fill(attention_mask == 0, pad)
         roles = padded[..., 1].contiguous()
@@ -299,6 +309,36 @@ class PeftModelForSoftMixture(PeftModel):
         if device is not None:
             batch = {name: tensor.to(device) for name, tensor in batch.items()}
         return batch
+
+    @property
+    def max_query_length(self) -> int | None:
+        """The most tokens a filled template may have with the active adapter (None: no stated limit)."""
+        return self._softmix_runtime[self.active_adapter].max_length
+
+    def query_lengths(self, subjects: Sequence[str]) -> list[int]:
+        """For each subject, the token count of its longest filled template (compare with `max_query_length`)."""
+        runtime = self._softmix_runtime[self.active_adapter]
+        lengths = []
+        for subject in subjects:
+            longest = 0
+            for k, layout in enumerate(runtime.layouts):
+                query = runtime.cache.get((k, subject))
+                if query is None:
+                    query = runtime.cache[k, subject] = encode_query(runtime.tokenizer, layout, subject)
+                longest = max(longest, len(query.input_ids))
+            lengths.append(longest)
+        return lengths
+
+    def _raise_too_long(self, queries: list[EncodedQuery], subjects: Sequence[str], limit: int) -> None:
+        K = len(self._softmix_runtime[self.active_adapter].layouts)
+        i = max(range(len(queries)), key=lambda n: len(queries[n].input_ids))
+        templates = self._softmix_config().templates
+        raise QueryTooLongError(
+            f"The query for subject {subjects[i // K]!r} with template {templates[i % K]!r} is "
+            f"{len(queries[i].input_ids)} tokens long, but {type(self.base_model).__name__} takes at most {limit}. "
+            "Leave such facts out (`query_lengths(subjects)` gives each subject's longest query; "
+            "examples/train_trex.py drops and counts them) or shorten the template."
+        )
 
     # -- forward ---------------------------------------------------------------------------------------------
 
@@ -333,14 +373,14 @@ class PeftModelForSoftMixture(PeftModel):
         flat_ids = input_ids.reshape(B * K, T)
         flat_mask = mask_positions.reshape(B * K)
         template = torch.arange(K, device=input_ids.device).repeat(B)
-        soft_index = encoder.soft_index(roles.reshape(B * K, T), template)
         active = not self._adapters_disabled
         with ExitStack() as stack:
             if active:
+                positions = SoftPositions.of(encoder.soft_index(roles.reshape(B * K, T), template))
                 # the model gets token ids; only the embedding table's output changes (see soft_word_embeddings)
-                stack.enter_context(soft_word_embeddings(self._embedding_tables, encoder, soft_index, flat_ids))
-            if active and encoder.deep_offsets is not None:
-                stack.enter_context(deep_prompt_hooks(self._layers, encoder.deep_offsets, soft_index))
+                stack.enter_context(soft_word_embeddings(self._embedding_tables, encoder, positions, flat_ids))
+                if encoder.deep_offsets is not None:
+                    stack.enter_context(deep_prompt_hooks(self._layers, encoder.deep_offsets, positions))
             if self._gather_ok:
                 stack.enter_context(gather_mask_positions(cast(nn.Module, find_backbone(self.base_model)), flat_mask))
             logits = self.base_model(input_ids=flat_ids, attention_mask=attention_mask.reshape(B * K, T)).logits
@@ -352,16 +392,18 @@ class PeftModelForSoftMixture(PeftModel):
         template_log_probs = torch.log_softmax(logits, dim=-1).view(B, K, -1)
         log_weights = encoder.log_weights() if active else torch.full((K,), -math.log(K))
         log_weights = log_weights.to(template_log_probs.device)
-        log_probs = torch.logsumexp(template_log_probs + log_weights[None, :, None], dim=1)
+        log_probs = mix_templates(template_log_probs, log_weights)
         loss = None
         if labels is not None:
             keep = labels != IGNORE_INDEX
-            if keep.any():
-                # mixed from each template's gold log-prob (= log_probs at the label), gathered before rows are
-                # selected: the backward pass then touches [B, K] values, not the [B, K, V] logsumexp
-                index = labels.clamp(min=0)[:, None, None].expand(-1, K, 1)
-                gold = template_log_probs.gather(2, index).squeeze(2)[keep]
-                loss = -torch.logsumexp(gold + log_weights, dim=1).mean()
+            # mixed from each template's gold log-prob (= log_probs at the label): the backward pass then touches
+            # [B, K] values, not the [B, K, V] logsumexp. Unlabelled rows are masked (selecting them would wait for
+            # the GPU), before the logsumexp so that a -inf there cannot turn their zero gradient into NaN; a batch
+            # without any labelled row has loss 0 and no gradient.
+            index = labels.clamp(min=0)[:, None, None].expand(-1, K, 1)
+            gold = torch.where(keep[:, None], template_log_probs.gather(2, index).squeeze(2), 0.0)
+            mixed = torch.where(keep, mix_templates(gold, log_weights), 0.0)
+            loss = -mixed.sum() / keep.sum().clamp(min=1)
         return SoftMixtureOutput(
             loss=loss,
             log_probs=log_probs,
@@ -625,6 +667,18 @@ Templates (deep prompts: {bool(config.num_deep_layers)}):
 """
         with open(path, "w", encoding="utf-8") as f:
             f.write(card.rstrip() + "\n" + usage)
+
+
+def mix_templates(per_template: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """``logsumexp_k(log pi_k + per_template[:, k])`` for ``per_template`` of shape ``[B, K, ...]``.
+
+    One template is its own mixture (``log pi = 0`` exactly): returned as is, which spares a launch-bound GPU step
+    the logsumexp kernels forward and backward.
+    """
+    if per_template.shape[1] == 1:
+        return per_template[:, 0]
+    shape = (1, -1) + (1,) * (per_template.dim() - 2)
+    return torch.logsumexp(per_template + log_weights.view(shape), dim=1)
 
 
 def _check_adapter_files(model_id: str, folder: str, read_config: bool, **kwargs: Any) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
+from weakref import WeakKeyDictionary
 
 from transformers import PreTrainedTokenizerBase
 
@@ -119,20 +120,71 @@ def _overlaps(start: int, end: int, span: tuple[int, int]) -> bool:
     return start < span[1] and span[0] < end
 
 
+@dataclass(frozen=True)
+class _TokenizerFacts:
+    """What tokenising a query reads from a tokenizer, looked up once per tokenizer: every attribute of a
+    transformers tokenizer goes through a slow ``__getattr__``, and T-REx evaluation tokenises 170,000 queries."""
+
+    mask: str
+    mask_id: int
+    special_ids: frozenset[int]
+    # the Rust `tokenizers.Tokenizer` to call directly when it gives what ``tokenizer(text)`` gives (checked),
+    # which skips transformers' per-call wrapping (about half the time of a query), else None
+    backend: Any
+
+
+_FACTS: WeakKeyDictionary[PreTrainedTokenizerBase, _TokenizerFacts] = WeakKeyDictionary()
+
+
+def _tokenizer_facts(tokenizer: PreTrainedTokenizerBase) -> _TokenizerFacts:
+    facts = _FACTS.get(tokenizer)
+    if facts is None:
+        mask = require_mask_token(tokenizer)
+        facts = _TokenizerFacts(mask, cast(int, tokenizer.mask_token_id), frozenset(tokenizer.all_special_ids), None)
+        backend = getattr(tokenizer, "_tokenizer", None)
+        if backend is not None and all(
+            _encode(tokenizer, facts, text) == _encode_directly(backend, text)
+            for text in (f"Zxq Qwerty-Smith was born in {mask} .", f"{mask} , é 1,234 d'Arc  ({mask})")
+        ):
+            facts = _TokenizerFacts(facts.mask, facts.mask_id, facts.special_ids, backend)
+        _FACTS[tokenizer] = facts
+    return facts
+
+
+def _encode_directly(backend: Any, text: str) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+    try:
+        enc = backend.encode(text)
+        return list(enc.ids), [tuple(o) for o in enc.offsets], list(enc.special_tokens_mask)
+    except Exception:  # not a tokenizers.Tokenizer after all: the comparison fails and the slow path is kept
+        return [], [], []
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, facts: _TokenizerFacts, text: str
+) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+    """Input ids, character offsets and the special-tokens mask of ``text``, as ``tokenizer(text)`` gives them."""
+    backend = facts.backend
+    # a call with truncation or padding (e.g. the user's) leaves them set on the Rust tokenizer until the next
+    # plain tokenizer(...) call resets them: take that call then
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return _encode_directly(backend, text)
+    enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], list(enc["special_tokens_mask"])
+
+
 def _tokenise(tokenizer: PreTrainedTokenizerBase, template: str, subject: str) -> tuple[list[int], list[int], int]:
     """Return input ids, per-token kind (HARD/SUBJECT/MASK, or the template stretch 0..2) and the mask position."""
-    mask = require_mask_token(tokenizer)
-    text, subject_span, mask_span = _fill(template, subject, mask)
-    enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
-    ids: list[int] = enc["input_ids"]
+    facts = _tokenizer_facts(tokenizer)
+    text, subject_span, mask_span = _fill(template, subject, facts.mask)
+    ids, offsets, special_mask = _encode(tokenizer, facts, text)
     first_slot_start = min(subject_span[0], mask_span[0])
     second_slot_start = max(subject_span[0], mask_span[0])
     kinds, mask_position = [], -1
-    for i, ((start, end), special) in enumerate(zip(enc["offset_mapping"], enc["special_tokens_mask"])):
-        if ids[i] == tokenizer.mask_token_id and mask_position < 0 and _overlaps(start, end, mask_span):
+    for i, ((start, end), special) in enumerate(zip(offsets, special_mask)):
+        if ids[i] == facts.mask_id and mask_position < 0 and _overlaps(start, end, mask_span):
             kinds.append(MASK)
             mask_position = i
-        elif special or (start == end == 0 and ids[i] in tokenizer.all_special_ids):
+        elif special or (start == end == 0 and ids[i] in facts.special_ids):
             kinds.append(HARD)
         elif _overlaps(start, end, subject_span):
             kinds.append(SUBJECT)
@@ -146,7 +198,7 @@ def _tokenise(tokenizer: PreTrainedTokenizerBase, template: str, subject: str) -
             kinds.append(2)
     if mask_position < 0:
         raise TemplateError(
-            f"The mask token {mask!r} disappeared when tokenising {text!r}; the tokenizer "
+            f"The mask token {facts.mask!r} disappeared when tokenising {text!r}; the tokenizer "
             f"{type(tokenizer).__name__} does not treat it as one token."
         )
     return ids, kinds, mask_position
@@ -160,8 +212,7 @@ def template_layout(tokenizer: PreTrainedTokenizerBase, template: str) -> Templa
     boundary.
     """
     validate_template(template)
-    mask = require_mask_token(tokenizer)
-    ids, kinds, _ = _tokenise(tokenizer, template, mask)
+    ids, kinds, _ = _tokenise(tokenizer, template, _tokenizer_facts(tokenizer).mask)
     segments: tuple[list[int], list[int], list[int]] = ([], [], [])
     for tok, kind in zip(ids, kinds):
         if kind >= 0:

@@ -303,5 +303,8 @@ def test_multi_token_objects_are_labelled_and_reported(base, tokenizer):
         pm.object_ids(objects, strict=True)
     assert "'Nowhere'" in str(info.value) and "'Paris'" not in str(info.value)
     assert pm.object_ids(["Paris", "Rome"], strict=True) == [paris, rome]
-    # a batch whose every object is unknown has no loss rather than a NaN one
-    assert pm(**pm.encode(["Dante"], ["Indias"])).loss is None
+    # a batch whose every object is unknown has loss 0 and no gradient rather than a NaN loss
+    loss = pm(**pm.encode(["Dante"], ["Indias"])).loss
+    assert loss is not None and loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in pm.prompt_encoder["default"].parameters())

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, BertTokenizerFast
 
 import peft_softmix  # noqa: F401  (registers SOFT_MIXTURE with PEFT)
-from peft_softmix import AdapterLoadError, PeftModelForSoftMixture, SoftMixtureConfig
+from peft_softmix import AdapterLoadError, PeftModelForSoftMixture, QueryTooLongError, SoftMixtureConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Dante", "was", "born", "in", "Florence", ".", "Paris", "is"]
@@ -324,6 +324,23 @@ def test_tokenizer_larger_than_the_embedding_table_is_refused(files):
             load_base(files.base), SoftMixtureConfig(templates=TEMPLATES, tokenizer_name_or_path=files.big_vocab_base)
         )
     assert files.big_vocab_base in str(caught.value) and f"only {len(WORDS)}" in str(caught.value)
+
+
+def test_query_longer_than_the_model_is_refused_naming_subject_template_and_limit(files):
+    model = get_peft_model(
+        load_base(files.base), SoftMixtureConfig(templates=TEMPLATES, tokenizer_name_or_path=files.base)
+    )
+    assert model.max_query_length == 64  # the tiny BERT's max_position_embeddings
+    fits = " ".join(["Dante"] * (64 - model.query_lengths(["Dante"])[0] + 1))
+    too_long = fits + " Dante"
+    assert model.query_lengths([fits, too_long]) == [64, 65]
+    assert model(**model.encode([fits])).log_probs.isfinite().all()  # exactly the limit still runs
+    for call in (lambda: model.encode(["Dante", too_long]), lambda: model.query([too_long])):
+        with pytest.raises(QueryTooLongError) as caught:
+            call()
+        message = str(caught.value)
+        assert repr(too_long) in message and "'[X] was born in [Y] .'" in message
+        assert "65 tokens" in message and "at most 64" in message and "query_lengths" in message
 
 
 # -- atomic saves --------------------------------------------------------------------------------------------------

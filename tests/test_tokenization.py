@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from peft_softmix.tokenization import HARD, MASK, SUBJECT, encode_query, template_layout
+from peft_softmix.tokenization import HARD, MASK, SUBJECT, _encode, _tokenizer_facts, encode_query, template_layout
 
 FAMILIES = {
     "wordpiece": wordpiece_tokenizer,
@@ -90,3 +90,30 @@ def test_placement_matches_the_tokenizer(family_tokenizer, template, subject):
     if spaced:
         # with a space around every slot, no subject can change how the template words tokenise
         assert not query.mismatched, (template, subject, tokenizer.convert_ids_to_tokens(query.input_ids))
+
+
+def test_every_family_takes_the_direct_tokenizer_path(family_tokenizer):
+    # the Rust tokenizer is called directly (the fast path) only after it agreed with tokenizer(...) on probe texts
+    assert _tokenizer_facts(family_tokenizer).backend is not None
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(template=templates(), subject=subjects)
+def test_direct_tokenizer_path_gives_what_the_tokenizer_gives(family_tokenizer, template, subject):
+    tokenizer = family_tokenizer
+    facts = _tokenizer_facts(tokenizer)
+    filled = template[0].replace("[X]", subject).replace("[Y]", tokenizer.mask_token)
+    enc = tokenizer(filled, return_offsets_mapping=True, return_special_tokens_mask=True)
+    expected = (enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]], enc["special_tokens_mask"])
+    assert _encode(tokenizer, facts, filled) == expected
+
+
+def test_truncation_left_on_the_rust_tokenizer_sends_queries_through_the_tokenizer(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(wordpiece_tokenizer(tmp_path))
+    layout = template_layout(tokenizer, "[X] was born in [Y] .")
+    assert _tokenizer_facts(tokenizer).backend is not None
+    # what a user's tokenizer(..., truncation=True, max_length=4) leaves behind; a direct call would cut the query
+    tokenizer._tokenizer.enable_truncation(max_length=4)
+    query = encode_query(tokenizer, layout, "Dante Alighieri")
+    assert len(query.input_ids) > 4
+    assert query.input_ids == tokenizer("Dante Alighieri was born in [MASK] .")["input_ids"]

@@ -305,6 +305,20 @@ def test_common_vocab_restricts_candidates_and_facts(fx, tmp_path):
         assert entry["test"][row]["mrr"] >= 1 / 3
 
 
+def test_facts_too_long_for_the_model_are_left_out_and_counted(fx, tmp_path, capsys):
+    trex = tmp_path / "trex"
+    shutil.copytree(fx.trex / "P19", trex / "P19")
+    # 60 subject tokens + "[CLS] was born in [MASK] . [SEP]" is over the tiny BERT's 64 positions
+    long_fact = {"sub_label": " ".join(["Anna"] * 60), "obj_label": "Paris"}
+    for split in ("train", "test"):
+        with open(trex / "P19" / f"{split}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(long_fact) + "\n")
+    args = argv(fx, tmp_path / "out", "--num_train_epochs", "1", "--data_dir", str(trex))
+    results = train_trex.main(args)
+    assert "query longer than the model's 64 tokens: train 1, test 1" in capsys.readouterr().out
+    assert results["relations"]["P19"]["facts"] == {"train": 40, "dev": 16, "test": 16}
+
+
 # -- bad input -------------------------------------------------------------------------------------------------
 
 
