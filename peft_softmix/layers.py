@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
@@ -142,12 +143,6 @@ class SoftPositions:
         return SoftPositions(self.index[keep] + 1, self.words[keep], self.num_rows, self.length)
 
 
-def add_at(hidden: torch.Tensor, positions: SoftPositions, values: torch.Tensor) -> torch.Tensor:
-    """``hidden`` (``[N, T, H]``) plus ``values[i]`` at flat position ``positions.index[i]``, out of place."""
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    return flat.index_add(0, positions.index, values.to(hidden.dtype)).view(hidden.shape)
-
-
 @contextmanager
 def soft_word_embeddings(
     embeddings: nn.Module | list[nn.Module],
@@ -204,9 +199,13 @@ def deep_prompt_hooks(layers: list[nn.Module], offsets: torch.Tensor, positions:
 
     ``offsets`` is ``[L, n_soft, H]``; only the first L layer calls get an offset.
     """
-    num_deep = offsets.shape[0]
-    # every layer's offsets gathered in one call; unbind gives each layer its slice with one gradient stack backward
-    per_layer = offsets.index_select(1, positions.words).unbind(0)
+    num_deep, _, width = offsets.shape
+    rows, length = positions.num_rows, positions.length
+    # every layer's offsets laid out on the batch at once (one index_add, one index_select backward), so that each
+    # layer call costs a single add: a launch-bound GPU step would otherwise pay a dozen small operations per layer
+    canvas = offsets.new_zeros(num_deep, rows * length, width)
+    canvas.index_add_(1, positions.index, offsets.index_select(1, positions.words))
+    per_layer = list(canvas.view(num_deep, rows, length, width).unbind(0))
     calls = [0]
 
     def hook(module, args, kwargs):
@@ -218,17 +217,19 @@ def deep_prompt_hooks(layers: list[nn.Module], offsets: torch.Tensor, positions:
         if (
             hidden_states is None
             or hidden_states.dim() != 3
-            or hidden_states.shape[0] != positions.num_rows
-            or hidden_states.shape[1] < positions.length
+            or hidden_states.shape[0] != rows
+            or hidden_states.shape[1] < length
         ):
             raise RuntimeError(
                 f"Deep prompts could not find the hidden states entering {type(module).__name__} "
-                f"(expected shape {(positions.num_rows, positions.length)} + (hidden,)): this architecture hands its "
-                "layers another layout. Use deep=False, and report the model type so that "
-                "peft_softmix/architectures.py lists it."
+                f"(expected shape {(rows, length)} + (hidden,)): this architecture hands its layers another layout. "
+                "Use deep=False, and report the model type so that peft_softmix/architectures.py lists it."
             )
-        # models that pad the sequence on the right inside (Longformer, to its attention window) get longer rows
-        shifted = add_at(hidden_states, positions.padded_to(hidden_states.shape[1]), per_layer[depth])
+        offset = per_layer[depth].to(hidden_states.dtype)
+        if hidden_states.shape[1] > length:
+            # models that pad the sequence on the right inside (Longformer, to its attention window)
+            offset = F.pad(offset, (0, 0, 0, hidden_states.shape[1] - length))
+        shifted = hidden_states + offset
         if isinstance(where, int):
             return (shifted, *args[1:]), kwargs
         kwargs = dict(kwargs)

@@ -37,3 +37,10 @@ def test_profile_step_counts_operators_for_bare_and_mixture():
     # the mixture runs the bare model's operators and its own on top
     assert summary["shallow"]["aten_ops"] > summary["bare"]["aten_ops"] > 0
     assert summary["deep"]["aten_ops"] > summary["shallow"]["aten_ops"]
+
+
+def test_memory_step_reports_a_peak_for_shallow_and_deep_prompts():
+    memory_step = load("memory_step")
+    for case in ("shallow", "deep"):
+        result = memory_step.main(["--case", case, "--k", "2", "--preset", "tiny", "--data_dir", str(SAMPLE)])
+        assert result["case"] == case and result["batch"][:2] == (32, 2) and result["peak_mib"] >= 0

@@ -2,7 +2,7 @@
 
 import torch
 
-from peft_softmix.layers import SoftPositions, add_at, deep_prompt_hooks
+from peft_softmix.layers import SoftPositions, deep_prompt_hooks
 from peft_softmix.peft_model import mix_templates
 
 # two rows of five tokens: soft words 0, 1 in row 0 (positions 1, 4), soft word 2 in row 1 (position 0)
@@ -36,20 +36,31 @@ def test_shifted_rows_move_right_and_drop_the_last_column():
     assert 1 not in shifted.words.tolist()
 
 
-def test_add_at_and_its_gradient_match_a_dense_gather():
+def test_deep_offsets_and_their_gradient_match_a_dense_gather():
     torch.manual_seed(0)
     hidden = torch.randn(2, 5, 3, requires_grad=True)
-    offsets = torch.randn(3, 3, requires_grad=True)
-    positions = SoftPositions.of(SOFT_INDEX)
-    out = add_at(hidden, positions, offsets.index_select(0, positions.words))
-    padded = torch.cat([offsets, torch.zeros(1, 3)])
+    offsets = torch.randn(1, 3, 3, requires_grad=True)
+    layer = torch.nn.Identity()
+    with deep_prompt_hooks([layer], offsets, SoftPositions.of(SOFT_INDEX)):
+        hooked = layer(hidden)
+    # the dense way: a zero row for the positions without a soft word, gathered at every position
+    padded = torch.cat([offsets[0], torch.zeros(1, 3)])
     reference = hidden + padded[torch.where(SOFT_INDEX >= 0, SOFT_INDEX, 3)]
-    torch.testing.assert_close(out, reference)
-    weights = torch.randn_like(out)
-    grads = torch.autograd.grad((out * weights).sum(), (hidden, offsets))
+    torch.testing.assert_close(hooked, reference)
+    weights = torch.randn_like(hooked)
+    grads = torch.autograd.grad((hooked * weights).sum(), (hidden, offsets))
     expected = torch.autograd.grad((reference * weights).sum(), (hidden, offsets))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
+
+
+def test_deep_offsets_follow_rows_padded_inside_the_model():
+    offsets = torch.randn(1, 3, 4)
+    layer = torch.nn.Identity()
+    with deep_prompt_hooks([layer], offsets, SoftPositions.of(SOFT_INDEX)):
+        out = layer(torch.zeros(2, 8, 4))  # Longformer pads rows to its attention window inside
+    index = torch.nn.functional.pad(torch.where(SOFT_INDEX >= 0, SOFT_INDEX, 3), (0, 3), value=3)
+    torch.testing.assert_close(out, torch.cat([offsets[0], torch.zeros(1, 4)])[index])
 
 
 def test_deep_hooks_add_each_layers_own_offsets_only_to_the_first_layers():
