@@ -526,6 +526,7 @@ def write_model_card(out_dir: Path, info: dict) -> None:
 MODEL_CARD = """\
 ---
 language: en
+license: cc-by-nc-4.0
 library_name: transformers
 pipeline_tag: fill-mask
 tags:

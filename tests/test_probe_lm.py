@@ -199,3 +199,13 @@ def test_probe_lm_loads_with_the_hub_offline():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[0] == "BertForMaskedLM"
+
+
+def test_model_card_states_the_non_commercial_licence_of_its_facts():
+    from huggingface_hub import ModelCard
+
+    # trained on LAMA's CC BY-NC 4.0 facts; the card written by the build script says so in its metadata
+    card = ModelCard.load(PROBE_DIR / "README.md")
+    assert card.data.license == "cc-by-nc-4.0"
+    assert "CC BY-NC 4.0" in card.text
+    assert "license: cc-by-nc-4.0" in (REPO / "scripts" / "build_probe_lm.py").read_text(encoding="utf-8")
