@@ -123,7 +123,8 @@ def _overlaps(start: int, end: int, span: tuple[int, int]) -> bool:
 @dataclass(frozen=True)
 class _TokenizerFacts:
     """What tokenising a query reads from a tokenizer, looked up once per tokenizer: every attribute of a
-    transformers tokenizer goes through a slow ``__getattr__``, and T-REx evaluation tokenises 170,000 queries."""
+    transformers tokenizer goes through a slow ``__getattr__``, and T-REx evaluation tokenises 170,000 queries.
+    (Special tokens added to a tokenizer after its first query are therefore not seen here.)"""
 
     mask: str
     mask_id: int
