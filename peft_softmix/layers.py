@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers.utils import ModelOutput
 
 
@@ -81,6 +82,16 @@ def _hidden_from_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, s
     return None, None
 
 
+@contextmanager
+def _removed_on_exit(handles: list[RemovableHandle]) -> Iterator[None]:
+    """Keep hooks registered for the ``with`` block only, even when the forward inside it raises."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class LayerCallCounter:
     """How often the layer stack ran in a forward pass, and the width of the hidden states entering it."""
 
@@ -100,12 +111,10 @@ def count_layer_calls(layers: list[nn.Module]) -> Iterator[LayerCallCounter]:
         if hidden is not None and not counter.hidden_size:
             counter.hidden_size = hidden.shape[-1]
 
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in dict.fromkeys(layers)]
-    try:
+    with _removed_on_exit(
+        [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in dict.fromkeys(layers)]
+    ):
         yield counter
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -185,12 +194,8 @@ def soft_word_embeddings(
         mixed = put_soft_words(hidden, where, getattr(module, "embed_scale", None))
         return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
 
-    handles = [module.register_forward_hook(hook, with_kwargs=True) for module in modules]
-    try:
+    with _removed_on_exit([module.register_forward_hook(hook, with_kwargs=True) for module in modules]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -236,12 +241,10 @@ def deep_prompt_hooks(layers: list[nn.Module], offsets: torch.Tensor, positions:
         kwargs[where] = shifted
         return args, kwargs
 
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in dict.fromkeys(layers)]
-    try:
+    with _removed_on_exit(
+        [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in dict.fromkeys(layers)]
+    ):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
@@ -263,8 +266,5 @@ def gather_mask_positions(backbone: nn.Module, mask_positions: torch.Tensor) -> 
             return output
         return (picked, *output[1:])
 
-    handle = backbone.register_forward_hook(hook)
-    try:
+    with _removed_on_exit([backbone.register_forward_hook(hook)]):
         yield
-    finally:
-        handle.remove()

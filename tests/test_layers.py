@@ -1,5 +1,6 @@
 """The flat soft-word positions and the per-layer offsets, against dense reference computations."""
 
+import pytest
 import torch
 
 from peft_softmix.layers import SoftPositions, deep_prompt_hooks
@@ -91,3 +92,12 @@ def test_one_template_is_its_own_mixture():
     weights = torch.log_softmax(torch.tensor([0.3, -1.0]), dim=0)
     expected = torch.log(weights.exp()[0] * two[:, 0].exp() + weights.exp()[1] * two[:, 1].exp())
     torch.testing.assert_close(mix_templates(two, weights), expected)
+
+
+def test_hooks_are_removed_when_the_forward_inside_raises():
+    layer = torch.nn.Linear(4, 4)
+    hooks = deep_prompt_hooks([layer], torch.zeros(1, 3, 4), SoftPositions.of(SOFT_INDEX))
+    with pytest.raises(RuntimeError, match="Deep prompts could not find the hidden states"), hooks:
+        layer(torch.zeros(3, 4))  # not the [N, T, H] layout the hook expects
+    assert not layer._forward_pre_hooks
+    assert torch.equal(layer(torch.zeros(3, 4)), layer.bias.expand(3, 4))  # runs as the bare layer again
