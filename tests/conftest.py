@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -104,3 +105,34 @@ def save_tiny_bert(folder: Path, vocab: list[str], dropout: float) -> None:
     )
     BertForMaskedLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def load_script(path: Path, name: str | None = None):
+    """A script of the repository (an example, a benchmark, a build script) imported as a module."""
+    name = name or path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+def two_process_launch(port_base: int) -> list[str]:
+    """``accelerate launch`` of two CPU processes on one machine, on a port of its own per test process."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port_base + os.getpid() % 1000),
+    ]

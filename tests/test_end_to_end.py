@@ -9,12 +9,11 @@ to clear, and the mixture weights must have moved off uniform.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE_DIR = REPO / "examples" / "probe_lm"
@@ -45,11 +44,7 @@ CLEAR_MARGIN = 0.15  # absolute macro P@1 over the manual template
 
 @pytest.fixture(scope="module")
 def train_trex():
-    spec = importlib.util.spec_from_file_location("train_trex", REPO / "examples" / "train_trex.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_trex"] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "examples" / "train_trex.py")
 
 
 def macro_p1(results: dict, row: str) -> float:

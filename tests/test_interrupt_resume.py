@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import save_tiny_bert
+from conftest import save_tiny_bert, two_process_launch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "train_trex.py"
@@ -186,20 +186,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(fx, tmp_p
 
 def test_a_failing_rank_stops_a_two_process_run_with_its_error(fx, tmp_path):
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(29600 + os.getpid() % 1000),
+        *two_process_launch(29600),
         str(fx.root / "wrapper.py"),
         str(SCRIPT),
         *script_args(fx, tmp_path / "out"),

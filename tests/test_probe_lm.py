@@ -5,7 +5,6 @@ No pretraining happens here: the model is loaded as committed and queried on a f
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM
 
 from peft_softmix.tokenization import object_token_id
@@ -26,15 +26,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SPLITS = ("train", "dev", "test")
 
 
-def _load_builder():
-    spec = importlib.util.spec_from_file_location("build_probe_lm", REPO / "scripts" / "build_probe_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["build_probe_lm"] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-builder = _load_builder()
+builder = load_script(REPO / "scripts" / "build_probe_lm.py")
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,17 @@ The script runs in-process through ``main(argv)``; only the two-process (DDP ove
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import save_tiny_bert
+from conftest import load_script, save_tiny_bert, two_process_launch
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertTokenizerFast
 
@@ -39,15 +37,7 @@ TEMPLATES = [
 ]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_trex", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_trex"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-train_trex = load_script()
+train_trex = load_script(SCRIPT)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -474,20 +464,7 @@ def test_two_processes_match_one_and_only_the_main_process_writes(fx, tmp_path):
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     }
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(29500 + os.getpid() % 1000),
+        *two_process_launch(29500),
         str(wrapper),
         str(SCRIPT),
         *argv(fx, double, *common, model=fx.model_nodrop),
