@@ -1,9 +1,12 @@
 """Speed of a mixture of soft prompts against the frozen model it wraps, a K-template loop and PEFT prompt tuning.
 
-Every case runs in the same process and the cases of a group are timed round-robin (one step of each case per
+Every case runs in the same process and the cases of a group are timed round-robin (one call of each case per
 repeat), so that load from other processes falls on all of them alike: the *ratios* are what this measures. Each
-figure is the median over ``--repeats`` timed steps after ``--warmup`` untimed ones; the summary also gives every
-ratio by minimum wall time and by median process CPU time, steadier on a shared machine.
+figure is the median over ``--repeats`` timed calls after ``--warmup`` untimed steps, per step: a call runs steps
+back to back, as a training loop does, until it lasts ``--min_call_ms`` (150 ms on a GPU, where a step can take
+15 ms and the host queues the next step's kernels while the GPU finishes the last; 0 on a CPU, one step per call).
+The summary also gives every ratio by minimum wall time and by median process CPU time, steadier on a shared
+machine.
 
 Groups:
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import random
@@ -146,7 +150,8 @@ def random_mlm(preset: str, device: torch.device, max_positions: int = 128) -> B
 
 @dataclass
 class Case:
-    """One timed unit of work. ``setup`` runs untimed before every call of ``run``."""
+    """One timed unit of work, ``run``. ``setup`` puts the shared model in the case's state (active adapter, train or
+    eval mode), untimed, before every timed call; a call may run ``run`` several times."""
 
     name: str
     run: Callable[[], Any]
@@ -167,23 +172,48 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_round_robin(cases: list[Case], repeats: int, warmup: int, device: torch.device) -> None:
-    """Warm every case up, then time one call of each case per repeat, in turn."""
+def steps_per_call(step_s: float, min_call_s: float) -> int:
+    """How many steps one timed call runs so that it lasts at least ``min_call_s`` (one when no minimum is set)."""
+    if min_call_s <= 0 or step_s <= 0:
+        return 1
+    return max(1, math.ceil(min_call_s / step_s))
+
+
+def time_round_robin(
+    cases: list[Case], repeats: int, warmup: int, device: torch.device, min_call_s: float = 0.0
+) -> None:
+    """Warm every case up, then time one call of each case per repeat, in turn.
+
+    A call runs the case's step back to back as many times as makes it last ``min_call_s`` (measured on one more
+    step after the warm-up) and records the time per step.
+    """
     for case in cases:
         for _ in range(warmup):
             if case.setup:
                 case.setup()
             case.run()
+        case.info["steps_per_call"] = 1
+        if min_call_s > 0:
+            # one more untimed step sizes the calls: the first steps of a case carry allocation and kernel selection
+            if case.setup:
+                case.setup()
+            synchronize(device)
+            start = time.perf_counter()
+            case.run()
+            synchronize(device)
+            case.info["steps_per_call"] = steps_per_call(time.perf_counter() - start, min_call_s)
     for _ in range(repeats):
         for case in cases:
+            steps = case.info["steps_per_call"]
             if case.setup:
                 case.setup()
             synchronize(device)
             start, cpu_start = time.perf_counter(), time.process_time()
-            case.run()
+            for _ in range(steps):
+                case.run()
             synchronize(device)
-            case.times.append(time.perf_counter() - start)
-            case.cpu_times.append(time.process_time() - cpu_start)
+            case.times.append((time.perf_counter() - start) / steps)
+            case.cpu_times.append((time.process_time() - cpu_start) / steps)
 
 
 def report(group: str, cases: list[Case], printed: dict[str, Case]) -> None:
@@ -717,6 +747,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, help="Timed calls of every training case (3 on CPU, 5 on GPU).")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed calls of every case first.")
+    parser.add_argument(
+        "--min_call_ms",
+        type=float,
+        help="Each timed call repeats a step until it lasts this long; times are per step (0 on CPU, 150 on GPU).",
+    )
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="Mixture sizes K to train.")
     parser.add_argument("--batch_facts", type=int, default=32, help="Facts per training batch.")
     parser.add_argument("--relation", default="P19", help="T-REx relation whose facts and templates are used.")
@@ -734,6 +769,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
     args.repeats = args.repeats or (5 if on_gpu else 3)
+    if args.min_call_ms is None:
+        args.min_call_ms = 150.0 if on_gpu else 0.0
     args.eval_facts = args.eval_facts or (2048 if on_gpu else 192)
     args.eval_batch_facts = args.eval_batch_facts or (256 if on_gpu else 64)
     return args
@@ -755,7 +792,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"torch {torch.__version__}, device {device} ({machine}), threads {torch.get_num_threads()}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, preset {args.preset} {PRESETS[args.preset]}, "
-        f"repeats {args.repeats} (eval {args.eval_repeats}), warmup {args.warmup}, bf16 {args.bf16}",
+        f"repeats {args.repeats} (eval {args.eval_repeats}), warmup {args.warmup}, min call {args.min_call_ms:g} ms, "
+        f"bf16 {args.bf16}",
         flush=True,
     )
     bench = Bench(args)
@@ -764,11 +802,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "train" not in args.skip or "eval" not in args.skip:
         train = bench.train_cases()
         if "train" not in args.skip:
-            time_round_robin(train, args.repeats, args.warmup, device)
+            time_round_robin(train, args.repeats, args.warmup, device, args.min_call_ms / 1e3)
             report("train (one step on a batch of facts)", train, cases)
         if "eval" not in args.skip:
             evals = bench.eval_cases()
-            time_round_robin(evals, args.eval_repeats, args.warmup, device)
+            time_round_robin(evals, args.eval_repeats, args.warmup, device, args.min_call_ms / 1e3)
             report(f"eval ({args.eval_facts} facts, {args.eval_batch_facts} per batch)", evals, cases)
 
     summary: dict[str, Any] = {"device": str(device), "machine": machine, "preset": args.preset}

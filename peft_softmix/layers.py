@@ -207,16 +207,15 @@ def deep_prompt_hooks(layers: list[nn.Module], offsets: torch.Tensor, positions:
     num_deep, _, width = offsets.shape
     rows, length = positions.num_rows, positions.length
     # every layer's offsets laid out on the batch at once (one index_add, one index_select backward), so that each
-    # layer call costs a single add: a launch-bound GPU step would otherwise pay a dozen small operations per layer
+    # layer call costs a single add: a launch-bound GPU step would otherwise pay a few small operations per layer.
+    # The price is the layout's memory during the forward (benchmarks/deep_offsets.py measures both)
     canvas = offsets.new_zeros(num_deep, rows * length, width)
     canvas.index_add_(1, positions.index, offsets.index_select(1, positions.words))
-    per_layer = list(canvas.view(num_deep, rows, length, width).unbind(0))
-    calls = [0]
+    pending = iter(canvas.view(num_deep, rows, length, width).unbind(0))
 
     def hook(module, args, kwargs):
-        depth = calls[0]
-        calls[0] += 1
-        if depth >= num_deep:
+        offset = next(pending, None)
+        if offset is None:
             return None
         hidden_states, where = _hidden_from_call(args, kwargs)
         if (
@@ -230,7 +229,8 @@ def deep_prompt_hooks(layers: list[nn.Module], offsets: torch.Tensor, positions:
                 f"(expected shape {(rows, length)} + (hidden,)): this architecture hands its layers another layout. "
                 "Use deep=False, and report the model type so that peft_softmix/architectures.py lists it."
             )
-        offset = per_layer[depth].to(hidden_states.dtype)
+        if offset.dtype != hidden_states.dtype:
+            offset = offset.to(hidden_states.dtype)
         if hidden_states.shape[1] > length:
             # models that pad the sequence on the right inside (Longformer, to its attention window)
             offset = F.pad(offset, (0, 0, 0, hidden_states.shape[1] - length))

@@ -40,3 +40,60 @@ def test_memory_step_reports_a_peak_for_shallow_and_deep_prompts():
     for case in ("shallow", "deep"):
         result = memory_step.main(["--case", case, "--k", "2", "--preset", "tiny", "--data_dir", str(SAMPLE)])
         assert result["case"] == case and result["batch"][:2] == (32, 2) and result["peak_mib"] >= 0
+
+
+def test_steps_per_call_repeats_a_short_step_until_the_call_lasts_the_minimum():
+    speed = load("speed")
+    assert speed.steps_per_call(0.020, 0.150) == 8  # 7 steps would last 140 ms
+    assert speed.steps_per_call(0.200, 0.150) == 1
+    assert speed.steps_per_call(0.020, 0.0) == 1  # no minimum: one step per call, as on a CPU
+
+
+def test_round_robin_timing_records_the_time_per_step_of_repeated_calls():
+    speed = load("speed")
+    events: list[tuple[str, str]] = []
+
+    def case(name: str):
+        return speed.Case(
+            name, lambda: events.append(("run", name)), facts=1, setup=lambda: events.append(("setup", name))
+        )
+
+    cases = [case("first"), case("second")]
+    speed.time_round_robin(cases, repeats=3, warmup=1, device=speed.torch.device("cpu"), min_call_s=0.05)
+    steps = cases[0].info["steps_per_call"]
+    # an empty step lasts microseconds, so one call repeats it many times
+    assert steps > 1
+    # warm-up, one step that sizes the calls, then 3 calls; setup once before each of them
+    assert events.count(("run", "first")) == 1 + 1 + 3 * steps
+    assert events.count(("setup", "first")) == 1 + 1 + 3
+    # the cases share a model: every step runs in the state its own case's setup left
+    state = None
+    for kind, name in events:
+        if kind == "setup":
+            state = name
+        else:
+            assert state == name
+    assert len(cases[0].times) == 3 and all(t < 0.05 for t in cases[0].times)
+
+
+def test_deep_offsets_benchmark_times_both_designs_after_checking_they_agree():
+    deep_offsets = load("deep_offsets")
+    # main() raises if the two ways of adding offsets give different losses with random offsets
+    summary = deep_offsets.main(
+        [
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--ks",
+            "2",
+            "--repeats",
+            "1",
+            "--memory_k",
+            "0",
+            "--data_dir",
+            str(SAMPLE),
+        ]
+    )
+    for case in ("shallow", "deep_canvas", "deep_rows"):
+        assert summary[f"k2_{case}_over_bare"] > 0

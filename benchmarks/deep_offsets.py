@@ -1,0 +1,202 @@
+"""Two ways to add deep-prompt offsets, timed against each other and the bare model in one process.
+
+- ``canvas`` (what `peft_softmix.layers.deep_prompt_hooks` does): every layer's offsets are laid out on the batch
+  once per forward, ``[L, N*T, H]``, so that each layer call costs one dense add; the layout lives for the forward
+  pass and its gradient for the backward pass.
+- ``rows``: each layer call adds its offsets at the P template positions with an out-of-place ``index_add``: no
+  layout, but two more operations per layer forward and one backward.
+
+The GPU step at K = 1 is launch-bound (host time per operation is what counts), at K >= 5 it is compute-bound; the
+memory case shows what the layout costs. Steps are timed one at a time, round-robin over the cases, and the ratio
+of each step to the bare step *of the same round* is reported too (paired), which cancels slow phases of the host.
+
+Run::
+
+    python benchmarks/deep_offsets.py --device cuda          # BERT-base shape: K=1 and K=5 timing, K=10 memory
+    python benchmarks/deep_offsets.py --preset tiny --repeats 3 --ks 1 --memory_k 0   # a CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+@contextmanager
+def rows_hooks(layers: list[torch.nn.Module], offsets: torch.Tensor, positions: Any) -> Iterator[None]:
+    """The ``rows`` design: each layer call adds its offsets at the soft positions only (BERT-style layers)."""
+    pending = iter(offsets.index_select(1, positions.words).unbind(0))
+
+    def hook(module, args, kwargs):
+        values = next(pending, None)
+        if values is None:
+            return None
+        hidden = args[0]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return (flat.index_add(0, positions.index, values.to(hidden.dtype)).view(hidden.shape), *args[1:]), kwargs
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in dict.fromkeys(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", help="Model shape (speed.py's presets); bert-base on a GPU, tiny on a CPU.")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5], help="Mixture sizes to time.")
+    parser.add_argument("--repeats", type=int, default=60, help="Rounds of timed steps at the first K.")
+    parser.add_argument("--memory_k", type=int, default=10, help="Mixture size for peak memory (GPU; 0: skip).")
+    parser.add_argument("--data_dir", help="T-REx data (speed.py's default: ../shared/data).")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    speed = importlib.import_module("speed")
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    import peft_softmix
+    import peft_softmix.peft_model as peft_model
+    from peft_softmix.layers import find_backbone, gather_mask_positions
+
+    device = torch.device(args.device)
+    preset = args.preset or ("bert-base" if device.type == "cuda" else "tiny")
+    data_dir = Path(args.data_dir) if args.data_dir else speed.DEFAULT_DATA_DIR
+    library_hooks = peft_model.deep_prompt_hooks
+    designs = {"canvas": library_hooks, "rows": rows_hooks}
+    base = speed.random_mlm(preset, device)
+    print(f"device {device}, preset {preset}", flush=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def build(k: int) -> dict[str, Callable[[], None]]:
+        """The bare model, the shallow mixture and the deep mixture under each design, on one batch of 32 facts."""
+        templates = speed.relation_templates(data_dir, "P19", k)
+        facts = [f for f in speed.relation_facts(data_dir, "P19", "train") if f[0] and f[1]]
+        texts = (
+            [s for s, _ in facts]
+            + [o for _, o in facts]
+            + [t.replace("[X]", " ").replace("[Y]", " ") for t in templates]
+        )
+        tokenizer_dir = speed.build_tokenizer(texts, speed.PRESETS[preset][4], Path(tempfile.mkdtemp()) / "tok")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        facts = [f for f in facts if peft_softmix.object_token_id(tokenizer, f[1]) is not None][:32]
+        pm: Any = None
+        for name, deep in (("shallow", False), ("deep", True)):
+            config = peft_softmix.SoftMixtureConfig(
+                templates=templates, tokenizer_name_or_path=str(tokenizer_dir), deep=deep
+            )
+            if pm is None:
+                pm = get_peft_model(base, config, adapter_name=name)
+            else:
+                pm.add_adapter(name, config)
+        pm.to(device).train()
+        batches, optimizers = {}, {}
+        for name in ("shallow", "deep"):
+            pm.set_adapter(name)
+            batches[name] = pm.encode([s for s, _ in facts], [o for _, o in facts], device=device)
+            params = [p for p in pm.prompt_encoder[name].parameters() if p.requires_grad]
+            optimizers[name] = torch.optim.Adam(params, lr=1e-3, fused=device.type == "cuda")
+        # the offsets start at zero; give them values so that the designs' agreement below means something
+        with torch.no_grad():
+            pm.prompt_encoder["deep"].deep_offsets.normal_(0, 1.0)
+        log_probs = {}
+        pm.eval()  # no dropout, so that both designs see the same network
+        for design, hooks in designs.items():
+            peft_model.deep_prompt_hooks = hooks
+            with torch.no_grad():
+                log_probs[design] = pm(**batches["deep"]).log_probs
+        peft_model.deep_prompt_hooks = library_hooks
+        pm.train()
+        diff = (log_probs["canvas"] - log_probs["rows"]).abs().max().item()
+        if diff > 1e-4:
+            raise RuntimeError(f"The two designs disagree: log-probabilities differ by up to {diff}")
+
+        batch = batches["shallow"]
+        B, K, T = batch["input_ids"].shape
+        ids, attention = batch["input_ids"].reshape(B * K, T), batch["attention_mask"].reshape(B * K, T)
+        masks, labels = batch["mask_positions"].reshape(-1), batch["labels"].repeat_interleave(K)
+        embeddings, backbone = pm.word_embeddings, find_backbone(base)
+
+        def bare() -> None:
+            embeds = embeddings(ids).detach().requires_grad_()
+            with gather_mask_positions(backbone, masks):
+                logits = base(inputs_embeds=embeds, attention_mask=attention).logits
+            (-torch.log_softmax(logits[:, 0].float(), -1).gather(1, labels[:, None]).mean()).backward()
+
+        def mixture(name: str, hooks: Any = library_hooks) -> Callable[[], None]:
+            def step() -> None:
+                pm.set_adapter(name)
+                peft_model.deep_prompt_hooks = hooks
+                try:
+                    pm(**batches[name]).loss.backward()
+                finally:
+                    peft_model.deep_prompt_hooks = library_hooks
+                optimizers[name].step()
+                optimizers[name].zero_grad(set_to_none=True)
+
+            return step
+
+        print(f"K={k}: {B * K} rows x {T} tokens; canvas and rows agree to {diff:.1e} with random offsets")
+        cases = {"bare": bare, "shallow": mixture("shallow")}
+        cases.update({f"deep_{design}": mixture("deep", hooks) for design, hooks in designs.items()})
+        return cases
+
+    summary: dict[str, Any] = {}
+    for i, k in enumerate(args.ks):
+        cases = build(k)
+        for step in cases.values():
+            for _ in range(3):
+                step()
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        repeats = args.repeats if i == 0 else max(args.repeats // 4, 1)
+        for _ in range(repeats):
+            for name, step in cases.items():
+                sync()
+                start = time.perf_counter()
+                step()
+                sync()
+                times[name].append(time.perf_counter() - start)
+        bare_ms = statistics.median(times["bare"]) * 1e3
+        print(f"{'case':14s} {'median ms':>9s} {'over bare':>9s} {'paired':>7s}   ({repeats} rounds)")
+        for name, values in times.items():
+            median = statistics.median(values) * 1e3
+            paired = statistics.median(t / b for t, b in zip(values, times["bare"]))
+            print(f"{name:14s} {median:9.2f} {median / bare_ms:9.3f} {paired:7.3f}")
+            summary[f"k{k}_{name}_over_bare"] = round(median / bare_ms, 3)
+            summary[f"k{k}_{name}_over_bare_paired"] = round(paired, 3)
+
+    if args.memory_k and device.type == "cuda":
+        cases = build(args.memory_k)
+        print(f"K={args.memory_k}: peak memory of one step above what was allocated before it")
+        for name, step in cases.items():
+            step()
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step()
+            sync()
+            peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+            print(f"  {name:14s} {peak:8.1f} MiB")
+            summary[f"k{args.memory_k}_{name}_peak_mib"] = round(peak, 1)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
