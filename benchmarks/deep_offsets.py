@@ -22,7 +22,6 @@ import argparse
 import importlib
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -66,12 +65,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
     speed = importlib.import_module("speed")
-    from peft import get_peft_model
-    from transformers import AutoTokenizer
 
-    import peft_softmix
     import peft_softmix.peft_model as peft_model
-    from peft_softmix.layers import find_backbone, gather_mask_positions
 
     device = torch.device(args.device)
     preset = args.preset or ("bert-base" if device.type == "cuda" else "tiny")
@@ -85,34 +80,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def build(k: int) -> dict[str, Callable[[], None]]:
-        """The bare model, the shallow mixture and the deep mixture under each design, on one batch of 32 facts."""
-        templates = speed.relation_templates(data_dir, "P19", k)
-        facts = [f for f in speed.relation_facts(data_dir, "P19", "train") if f[0] and f[1]]
-        texts = (
-            [s for s, _ in facts]
-            + [o for _, o in facts]
-            + [t.replace("[X]", " ").replace("[Y]", " ") for t in templates]
-        )
-        tokenizer_dir = speed.build_tokenizer(texts, speed.PRESETS[preset][4], Path(tempfile.mkdtemp()) / "tok")
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        facts = [f for f in facts if peft_softmix.object_token_id(tokenizer, f[1]) is not None][:32]
-        pm: Any = None
-        for name, deep in (("shallow", False), ("deep", True)):
-            config = peft_softmix.SoftMixtureConfig(
-                templates=templates, tokenizer_name_or_path=str(tokenizer_dir), deep=deep
-            )
-            if pm is None:
-                pm = get_peft_model(base, config, adapter_name=name)
-            else:
-                pm.add_adapter(name, config)
-        pm.to(device).train()
-        batches, optimizers = {}, {}
-        for name in ("shallow", "deep"):
-            pm.set_adapter(name)
-            batches[name] = pm.encode([s for s, _ in facts], [o for _, o in facts], device=device)
-            params = [p for p in pm.prompt_encoder[name].parameters() if p.requires_grad]
-            optimizers[name] = torch.optim.Adam(params, lr=1e-3, fused=device.type == "cuda")
+    Case = tuple[Callable[[], None], Callable[[], None]]
+
+    def build(k: int) -> dict[str, Case]:
+        """The bare model, the shallow mixture and the deep mixture under each design, on one batch of 32 facts.
+
+        Each case is ``(prepare, step)``: ``prepare`` (untimed: `set_adapter` walks every module) activates the
+        case's adapter and design, ``step`` is one training step.
+        """
+        pm, batches, optimizers = speed.shallow_and_deep(base, data_dir, preset, k, device)
         # the offsets start at zero; give them values so that the designs' agreement below means something
         with torch.no_grad():
             pm.prompt_encoder["deep"].deep_offsets.normal_(0, 1.0)
@@ -128,46 +104,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if diff > 1e-4:
             raise RuntimeError(f"The two designs disagree: log-probabilities differ by up to {diff}")
 
-        batch = batches["shallow"]
-        B, K, T = batch["input_ids"].shape
-        ids, attention = batch["input_ids"].reshape(B * K, T), batch["attention_mask"].reshape(B * K, T)
-        masks, labels = batch["mask_positions"].reshape(-1), batch["labels"].repeat_interleave(K)
-        embeddings, backbone = pm.word_embeddings, find_backbone(base)
+        B, K, T = batches["shallow"]["input_ids"].shape
 
-        def bare() -> None:
-            embeds = embeddings(ids).detach().requires_grad_()
-            with gather_mask_positions(backbone, masks):
-                logits = base(inputs_embeds=embeds, attention_mask=attention).logits
-            (-torch.log_softmax(logits[:, 0].float(), -1).gather(1, labels[:, None]).mean()).backward()
-
-        def mixture(name: str, hooks: Any = library_hooks) -> Callable[[], None]:
-            def step() -> None:
+        def mixture(name: str, hooks: Any = library_hooks) -> Case:
+            def prepare() -> None:
                 pm.set_adapter(name)
                 peft_model.deep_prompt_hooks = hooks
-                try:
-                    pm(**batches[name]).loss.backward()
-                finally:
-                    peft_model.deep_prompt_hooks = library_hooks
+
+            def step() -> None:
+                pm(**batches[name]).loss.backward()
                 optimizers[name].step()
                 optimizers[name].zero_grad(set_to_none=True)
 
-            return step
+            return prepare, step
 
         print(f"K={k}: {B * K} rows x {T} tokens; canvas and rows agree to {diff:.1e} with random offsets")
-        cases = {"bare": bare, "shallow": mixture("shallow")}
+        cases = {"bare": (lambda: None, speed.bare_step(pm, batches["shallow"])), "shallow": mixture("shallow")}
         cases.update({f"deep_{design}": mixture("deep", hooks) for design, hooks in designs.items()})
         return cases
 
     summary: dict[str, Any] = {}
     for i, k in enumerate(args.ks):
         cases = build(k)
-        for step in cases.values():
+        for prepare, step in cases.values():
+            prepare()
             for _ in range(3):
                 step()
         times: dict[str, list[float]] = {name: [] for name in cases}
         repeats = args.repeats if i == 0 else max(args.repeats // 4, 1)
         for _ in range(repeats):
-            for name, step in cases.items():
+            for name, (prepare, step) in cases.items():
+                prepare()
                 sync()
                 start = time.perf_counter()
                 step()
@@ -185,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.memory_k and device.type == "cuda":
         cases = build(args.memory_k)
         print(f"K={args.memory_k}: peak memory of one step above what was allocated before it")
-        for name, step in cases.items():
+        for name, (prepare, step) in cases.items():
+            prepare()
             step()
             sync()
             torch.cuda.reset_peak_memory_stats()
@@ -195,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             peak = (torch.cuda.max_memory_allocated() - before) / 2**20
             print(f"  {name:14s} {peak:8.1f} MiB")
             summary[f"k{args.memory_k}_{name}_peak_mib"] = round(peak, 1)
+    peft_model.deep_prompt_hooks = library_hooks
     return summary
 
 

@@ -145,6 +145,57 @@ def random_mlm(preset: str, device: torch.device, max_positions: int = 128) -> B
     return model
 
 
+def shallow_and_deep(
+    base: BertForMaskedLM, data_dir: Path, preset: str, k: int, device: torch.device, shuffle_seed: int | None = None
+) -> tuple[Any, dict[str, dict[str, torch.Tensor]], dict[str, torch.optim.Optimizer]]:
+    """``base`` with a shallow and a deep adapter of K P19 templates, each with a batch of 32 training facts (in file
+    order, or shuffled by ``shuffle_seed``) and an Adam optimizer (fused on CUDA): the cases of `profile_step.py` and
+    `deep_offsets.py`."""
+    templates = relation_templates(data_dir, "P19", k)
+    facts = [f for f in relation_facts(data_dir, "P19", "train") if f[0] and f[1]]
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(facts)
+    texts = (
+        [s for s, _ in facts] + [o for _, o in facts] + [t.replace("[X]", " ").replace("[Y]", " ") for t in templates]
+    )
+    tokenizer_dir = build_tokenizer(texts, PRESETS[preset][4], Path(tempfile.mkdtemp()) / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    facts = [f for f in facts if peft_softmix.object_token_id(tokenizer, f[1]) is not None][:32]
+    pm: Any = None
+    for name, deep in (("shallow", False), ("deep", True)):
+        config = SoftMixtureConfig(templates=templates, tokenizer_name_or_path=str(tokenizer_dir), deep=deep)
+        if pm is None:
+            pm = get_peft_model(base, config, adapter_name=name)
+        else:
+            pm.add_adapter(name, config)
+    pm.to(device).train()
+    batches, optimizers = {}, {}
+    for name in ("shallow", "deep"):
+        pm.set_adapter(name)
+        batches[name] = pm.encode([s for s, _ in facts], [o for _, o in facts], device=device)
+        params = [p for p in pm.prompt_encoder[name].parameters() if p.requires_grad]
+        optimizers[name] = torch.optim.Adam(params, lr=1e-3, fused=device.type == "cuda")
+    return pm, batches, optimizers
+
+
+def bare_step(pm: Any, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """The frozen model on a mixture batch's tokens: forward with the mask-only head, NLL at the masks, backward to
+    the input embeddings (the floor a mixture step is compared with)."""
+    base = pm.base_model
+    B, K, T = batch["input_ids"].shape
+    ids, attention = batch["input_ids"].reshape(B * K, T), batch["attention_mask"].reshape(B * K, T)
+    masks, labels = batch["mask_positions"].reshape(-1), batch["labels"].repeat_interleave(K)
+    embeddings, backbone = pm.word_embeddings, cast(torch.nn.Module, find_backbone(base))
+
+    def step() -> None:
+        embeds = embeddings(ids).detach().requires_grad_()
+        with gather_mask_positions(backbone, masks):
+            logits = base(inputs_embeds=embeds, attention_mask=attention).logits
+        (-torch.log_softmax(logits[:, 0].float(), -1).gather(1, labels[:, None]).mean()).backward()
+
+    return step
+
+
 # --------------------------------------------------------------------------------------------------- timing
 
 
