@@ -178,20 +178,30 @@ def shallow_and_deep(
     return pm, batches, optimizers
 
 
-def bare_step(pm: Any, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-    """The frozen model on a mixture batch's tokens: forward with the mask-only head, NLL at the masks, backward to
-    the input embeddings (the floor a mixture step is compared with)."""
+def bare_step(
+    pm: Any,
+    batch: dict[str, torch.Tensor],
+    gather: bool = True,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Callable[[], None]:
+    """The frozen model on a mixture batch's tokens: forward (under ``autocast``; with the mask-only head unless
+    ``gather`` is False), NLL at the masks, backward to the input embeddings: the floor a mixture step is compared
+    with."""
     base = pm.base_model
     B, K, T = batch["input_ids"].shape
     ids, attention = batch["input_ids"].reshape(B * K, T), batch["attention_mask"].reshape(B * K, T)
     masks, labels = batch["mask_positions"].reshape(-1), batch["labels"].repeat_interleave(K)
+    rows = torch.arange(B * K, device=ids.device)
     embeddings, backbone = pm.word_embeddings, cast(torch.nn.Module, find_backbone(base))
 
     def step() -> None:
         embeds = embeddings(ids).detach().requires_grad_()
-        with gather_mask_positions(backbone, masks):
-            logits = base(inputs_embeds=embeds, attention_mask=attention).logits
-        (-torch.log_softmax(logits[:, 0].float(), -1).gather(1, labels[:, None]).mean()).backward()
+        with autocast():
+            head = gather_mask_positions(backbone, masks) if gather else contextlib.nullcontext()
+            with head:
+                logits = base(inputs_embeds=embeds, attention_mask=attention).logits
+        logits = logits[:, 0] if gather else logits[rows, masks]
+        (-torch.log_softmax(logits.float(), -1).gather(1, labels[:, None]).mean()).backward()
 
     return step
 
@@ -413,27 +423,11 @@ class Bench:
         def bare_case(name: str, gather: bool = True, bf16: bool = False, suffix: str = "") -> Case:
             """The frozen model on exactly the mixture's tokens: forward, loss at the masks, backward to the input."""
             batch = batches[name]
-            B, K, T = batch["input_ids"].shape
-            ids = batch["input_ids"].reshape(B * K, T)
-            attention = batch["attention_mask"].reshape(B * K, T)
-            masks = batch["mask_positions"].reshape(B * K)
-            labels = batch["labels"].repeat_interleave(K)
-            rows = torch.arange(B * K, device=device)
-            backbone = cast(torch.nn.Module, find_backbone(base))
 
             def setup() -> None:
                 pm.train()
 
-            def run() -> None:
-                embeds = embedding_table(ids).detach().requires_grad_()
-                with self.amp(bf16):
-                    head = gather_mask_positions(backbone, masks) if gather else contextlib.nullcontext()
-                    with head:
-                        logits = base(inputs_embeds=embeds, attention_mask=attention).logits
-                logits = logits[:, 0] if gather else logits[rows, masks]
-                loss = -torch.log_softmax(logits.float(), -1).gather(1, labels[:, None]).mean()
-                loss.backward()
-
+            run = bare_step(pm, batch, gather, lambda: self.amp(bf16))
             return Case(f"bare_{name.split('_')[0]}{suffix}", run, len(subjects), tokens_of(batch), setup)
 
         def kloop_case(name: str) -> Case:
