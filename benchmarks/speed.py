@@ -441,7 +441,6 @@ class Bench:
                 length = int(batch["attention_mask"][:, k].sum(-1).max())
                 piece = {key: batch[key][:, k, :length] for key in ("input_ids", "attention_mask", "roles")}
                 piece["mask_positions"] = batch["mask_positions"][:, k]
-                piece["template"] = torch.full((B,), k, device=device)
                 pieces.append(piece)
             labels = batch["labels"]
 
@@ -452,7 +451,7 @@ class Bench:
             def forward() -> torch.Tensor:
                 per_template = []
                 for piece in pieces:
-                    positions = SoftPositions.of(encoder.soft_index(piece["roles"], piece["template"]))
+                    positions = SoftPositions.of(piece["roles"])
                     embeds = encoder(embedding_table(piece["input_ids"]), positions)
                     with contextlib.ExitStack() as stack:
                         if encoder.deep_offsets is not None:

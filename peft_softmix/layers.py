@@ -133,11 +133,14 @@ class SoftPositions:
 
     @classmethod
     def of(cls, soft_index: torch.Tensor) -> SoftPositions:
-        """From ``soft_index`` (``[N, T]``, the soft word at each position, -1 for none)."""
+        """From ``soft_index`` (``[N, T]``: the soft word at each position, negative where there is none).
+
+        `encode`'s ``roles`` are such an index.
+        """
         flat = soft_index.reshape(-1)
         # the one host-device synchronisation of a forward pass: the number of soft positions sizes what follows
         index = (flat >= 0).nonzero().squeeze(1)
-        return cls(index, flat[index], soft_index.shape[0], soft_index.shape[1])
+        return cls(index, flat.index_select(0, index), soft_index.shape[0], soft_index.shape[1])
 
     def padded_to(self, length: int) -> SoftPositions:
         """The same words in rows padded on the right to ``length``."""

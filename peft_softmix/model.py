@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BasePromptEncoder
@@ -32,7 +32,6 @@ class SoftMixtureModel(BasePromptEncoder):
         - **soft_words** (`torch.nn.Parameter`) -- `[n_soft, embedding_dim]`, the words of all K templates in order.
         - **deep_offsets** (`torch.nn.Parameter` or `None`) -- `[num_deep_layers, n_soft, hidden]`, zero at start.
         - **mixture_logits** (`torch.nn.Parameter`) -- `[K]`, the mixture weights are their softmax.
-        - **template_starts** (buffer) -- `[K]`, where each template's words begin in `soft_words`.
     """
 
     def __init__(
@@ -44,11 +43,6 @@ class SoftMixtureModel(BasePromptEncoder):
     ):
         super().__init__()
         token_ids = torch.tensor([t for layout in layouts for t in layout.token_ids], dtype=torch.long)
-        sizes = [layout.num_soft_words for layout in layouts]
-        # on the embeddings' device, like the parameters: get_peft_model on a base already on the GPU moves nothing
-        starts = torch.tensor([0, *sizes[:-1]], dtype=torch.long, device=word_embeddings.weight.device).cumsum(0)
-        self.register_buffer("template_starts", starts, persistent=False)
-
         table = word_embeddings.weight.detach()
         if SoftMixtureInit(config.init) == SoftMixtureInit.TEMPLATE:
             init = table[token_ids.to(table.device)].float().clone()
@@ -89,11 +83,6 @@ class SoftMixtureModel(BasePromptEncoder):
     def log_weights(self) -> torch.Tensor:
         """log pi_k, the log mixture weights."""
         return torch.log_softmax(self.mixture_logits.float(), dim=0)
-
-    def soft_index(self, roles: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
-        """Turn per-template word numbers (``roles >= 0``) into rows of `soft_words` (-1 elsewhere)."""
-        starts = cast(torch.Tensor, self.template_starts)[template].unsqueeze(-1)
-        return torch.where(roles >= 0, roles + starts, torch.full_like(roles, -1))
 
     def forward(self, inputs_embeds: torch.Tensor, positions: SoftPositions, scale: Any = None) -> torch.Tensor:
         """Put the soft words (times ``scale``, the embedding's own scale if it has one) at their ``positions``."""

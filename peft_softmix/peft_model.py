@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download
 from peft import PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
@@ -64,7 +65,8 @@ class _AdapterRuntime:
     tokenizer: PreTrainedTokenizerBase
     layouts: list[TemplateLayout]
     cache: dict[tuple[int, str], EncodedQuery]
-    # the same queries as [T, 2] tensors of (input id, role), and objects' token ids: what `encode` collates
+    # the same queries as [T, 2] tensors of (input id, role with template words numbered across all templates, i.e.
+    # rows of `soft_words`), and objects' token ids: what `encode` collates
     rows: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     object_ids: dict[str | None, int | None] = field(default_factory=dict)
     max_length: int | None = None
@@ -268,10 +270,15 @@ class PeftModelForSoftMixture(PeftModel):
     ) -> dict[str, torch.Tensor]:
         """Fill every template with every subject: tensors of shape ``[B, K, T]`` plus mask positions and labels.
 
-        ``labels[b]`` is the object's token id, or -100 when it is not one token (or not given).
+        ``roles[b, k, t]`` is the row of the adapter's `soft_words` at a template word, or the token's kind (< 0:
+        `HARD`, `SUBJECT`, `MASK`) elsewhere. ``labels[b]`` is the object's token id, or -100 when it is not one
+        token (or not given).
         """
         runtime = self._softmix_runtime[self.active_adapter]
         tokenizer = runtime.tokenizer
+        starts = [0]
+        for layout in runtime.layouts:
+            starts.append(starts[-1] + layout.num_soft_words)
         queries: list[EncodedQuery] = []
         rows: list[torch.Tensor] = []
         for subject in subjects:
@@ -280,7 +287,9 @@ class PeftModelForSoftMixture(PeftModel):
                 row = runtime.rows.get(key)
                 if row is None:
                     query = runtime.cache[key] = encode_query(tokenizer, layout, subject)
-                    row = runtime.rows[key] = torch.tensor([query.input_ids, query.roles], dtype=torch.long).T
+                    # template words numbered as rows of `soft_words` here, once per query, not in every forward
+                    numbered = [role + starts[k] if role >= 0 else role for role in query.roles]
+                    row = runtime.rows[key] = torch.tensor([query.input_ids, numbered], dtype=torch.long).T
                 queries.append(runtime.cache[key])
                 rows.append(row)
         B, K = len(subjects), len(runtime.layouts)
@@ -358,7 +367,7 @@ class PeftModelForSoftMixture(PeftModel):
         Args:
             input_ids: ``[B, K, T]`` from `encode`.
             attention_mask: ``[B, K, T]`` from `encode`.
-            roles: ``[B, K, T]`` from `encode` (``roles >= 0`` marks template words).
+            roles: ``[B, K, T]`` from `encode` (``roles >= 0``: the row of `soft_words` at a template word).
             mask_positions: ``[B, K]``.
             labels: ``[B]`` gold object token ids (-100 to ignore); gives ``loss``.
             candidate_mask: ``[V]`` bool, restricts the distribution to these tokens (e.g. LAMA's common vocab).
@@ -372,11 +381,10 @@ class PeftModelForSoftMixture(PeftModel):
             )
         flat_ids = input_ids.reshape(B * K, T)
         flat_mask = mask_positions.reshape(B * K)
-        template = torch.arange(K, device=input_ids.device).repeat(B)
         active = not self._adapters_disabled
         with ExitStack() as stack:
             if active:
-                positions = SoftPositions.of(encoder.soft_index(roles.reshape(B * K, T), template))
+                positions = SoftPositions.of(roles.reshape(B * K, T))
                 # the model gets token ids; only the embedding table's output changes (see soft_word_embeddings)
                 stack.enter_context(soft_word_embeddings(self._embedding_tables, encoder, positions, flat_ids))
                 if encoder.deep_offsets is not None:
@@ -397,13 +405,18 @@ class PeftModelForSoftMixture(PeftModel):
         if labels is not None:
             keep = labels != IGNORE_INDEX
             # mixed from each template's gold log-prob (= log_probs at the label): the backward pass then touches
-            # [B, K] values, not the [B, K, V] logsumexp. Unlabelled rows are masked (selecting them would wait for
-            # the GPU), before the logsumexp so that a -inf there cannot turn their zero gradient into NaN; a batch
-            # without any labelled row has loss 0 and no gradient.
-            index = labels.clamp(min=0)[:, None, None].expand(-1, K, 1)
-            gold = torch.where(keep[:, None], template_log_probs.gather(2, index).squeeze(2), 0.0)
-            mixed = torch.where(keep, mix_templates(gold, log_weights), 0.0)
-            loss = -mixed.sum() / keep.sum().clamp(min=1)
+            # [B, K] values, not the [B, K, V] logsumexp. nll_loss gives unlabelled rows 0 (selecting them would
+            # wait for the GPU), so no -inf reaches their logsumexp to turn a zero gradient into NaN; a batch
+            # without any labelled row has loss 0 and no gradient. The fewer small kernels, the better: at K = 1
+            # on a GPU the step is launch-bound.
+            per_row_labels = labels if K == 1 else labels.repeat_interleave(K)
+            nll = F.nll_loss(
+                template_log_probs.view(B * K, -1), per_row_labels, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            # one template is its own mixture; with more, an unlabelled row mixes zeros into log(sum pi), 0 only up to
+            # rounding: masked, so that it adds exactly nothing
+            total = nll.sum() if K == 1 else -(mix_templates(-nll.view(B, K), log_weights) * keep).sum()
+            loss = total / keep.sum().clamp(min=1)
         return SoftMixtureOutput(
             loss=loss,
             log_probs=log_probs,

@@ -63,16 +63,19 @@ def test_soft_words_sit_on_template_words(base, tokenizer):
     pm = make(base)
     batch = pm.encode(["Dante"])
     encoder = pm.prompt_encoder["default"]
+    seen: list[int] = []
     for k, template in enumerate(TEMPLATES):
         ids, roles = batch["input_ids"][0, k], batch["roles"][0, k]
         words = ids[roles >= 0]
-        index = encoder.soft_index(roles[None], torch.tensor([k]))[0]
-        # each soft word starts at the embedding of the very token it replaces
-        torch.testing.assert_close(encoder.soft_words[index[roles >= 0]], pm.word_embeddings.weight[words])
+        # roles number the template words as rows of soft_words: each starts at the embedding of the token it replaces
+        torch.testing.assert_close(encoder.soft_words[roles[roles >= 0]], pm.word_embeddings.weight[words])
         assert tokenizer.decode(ids[roles == -2]) == "Dante"
         assert ids[batch["mask_positions"][0, k]] == tokenizer.mask_token_id
         n_words = len(tokenizer.tokenize(template.replace("[X]", "").replace("[Y]", "")))
         assert int((roles >= 0).sum()) == n_words
+        seen += roles[roles >= 0].tolist()
+    # template after template, every soft word exactly once
+    assert seen == list(range(encoder.soft_words.shape[0]))
 
 
 def test_mixture_is_logsumexp_of_weighted_templates(base, bare, tokenizer):
@@ -308,3 +311,31 @@ def test_multi_token_objects_are_labelled_and_reported(base, tokenizer):
     assert loss is not None and loss.item() == 0.0
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in pm.prompt_encoder["default"].parameters())
+
+
+@pytest.mark.parametrize("k", [1, len(TEMPLATES)])
+def test_unlabelled_facts_change_neither_loss_nor_gradients(base, k):
+    pm = make(base, templates=TEMPLATES[:k], template_weights=[float(i + 1) for i in range(k)], deep=2)
+    encoder = pm.prompt_encoder["default"]
+    with torch.no_grad():
+        # away from the start, so that every tensor gets a gradient that the unlabelled rows could disturb
+        encoder.deep_offsets.normal_(0, 0.1)
+
+    def loss_and_grads(subjects, objects):
+        encoder.zero_grad(set_to_none=True)
+        loss = pm(**pm.encode(subjects, objects)).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+
+    labelled, grads = loss_and_grads(["Dante", "Ali"], ["Florence", "Rome"])
+    # "Indias" is no single token: its row is left out of the mean and of every gradient
+    mixed, mixed_grads = loss_and_grads(["Dante", "Ali", "Dante"], ["Florence", "Rome", "Indias"])
+    torch.testing.assert_close(mixed, labelled)
+    assert set(mixed_grads) == set(grads) and (k == 1 or "mixture_logits" in grads)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0 or name == "mixture_logits", name
+        torch.testing.assert_close(mixed_grads[name], grad, msg=name)
+    # with uneven weights the mixture of an unlabelled row is 0 only up to rounding: it must add exactly nothing
+    nothing, no_grads = loss_and_grads(["Dante", "Ali"], ["Indias", "Indias"])
+    assert nothing.item() == 0.0
+    assert all(not grad.any() for grad in no_grads.values())
