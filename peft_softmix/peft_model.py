@@ -276,9 +276,6 @@ class PeftModelForSoftMixture(PeftModel):
         """
         runtime = self._softmix_runtime[self.active_adapter]
         tokenizer = runtime.tokenizer
-        starts = [0]
-        for layout in runtime.layouts:
-            starts.append(starts[-1] + layout.num_soft_words)
         queries: list[EncodedQuery] = []
         rows: list[torch.Tensor] = []
         for subject in subjects:
@@ -288,7 +285,8 @@ class PeftModelForSoftMixture(PeftModel):
                 if row is None:
                     query = runtime.cache[key] = encode_query(tokenizer, layout, subject)
                     # template words numbered as rows of `soft_words` here, once per query, not in every forward
-                    numbered = [role + starts[k] if role >= 0 else role for role in query.roles]
+                    start = sum(earlier.num_soft_words for earlier in runtime.layouts[:k])
+                    numbered = [role + start if role >= 0 else role for role in query.roles]
                     row = runtime.rows[key] = torch.tensor([query.input_ids, numbered], dtype=torch.long).T
                 queries.append(runtime.cache[key])
                 rows.append(row)
