@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 peft_model.deep_prompt_hooks = hooks
 
             def step() -> None:
-                pm(**batches[name]).loss.backward()
+                pm(**batches[name], return_log_probs=False).loss.backward()
                 optimizers[name].step()
                 optimizers[name].zero_grad(set_to_none=True)
 

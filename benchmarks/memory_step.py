@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch = pm.encode([s for s, _ in facts], [o for _, o in facts], device=device)
 
     def step() -> None:
-        pm(**batch).loss.backward()
+        pm(**batch, return_log_probs=False).loss.backward()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

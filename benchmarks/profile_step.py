@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def mixture(name: str) -> Callable[[], None]:
         def step() -> None:
-            pm(**batches[name]).loss.backward()
+            pm(**batches[name], return_log_probs=False).loss.backward()
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
 

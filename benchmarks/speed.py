@@ -413,7 +413,7 @@ class Bench:
 
             def run() -> None:
                 with self.amp(bf16):
-                    out = pm(**batch)
+                    out = pm(**batch, return_log_probs=False)  # as examples/train_trex.py's step
                 out.loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -449,6 +449,7 @@ class Bench:
                 pm.train()
 
             def forward() -> torch.Tensor:
+                """Each template's ``[B, V]`` log-probs, stacked to ``[B, K, V]``."""
                 per_template = []
                 for piece in pieces:
                     positions = SoftPositions.of(piece["roles"])
@@ -465,22 +466,27 @@ class Bench:
                         else logits[torch.arange(B, device=device), piece["mask_positions"]]
                     )
                     per_template.append(torch.log_softmax(logits.float(), -1))
-                stacked = torch.stack(per_template, 1) + encoder.log_weights()[None, :, None]
-                return torch.logsumexp(stacked, 1)
+                return torch.stack(per_template, 1)
+
+            def loss_of(per_template: torch.Tensor) -> torch.Tensor:
+                # the gold's K log-probs mixed, as the batched loss does: the loop differs in the forwards only
+                gold = per_template.gather(2, labels.view(B, 1, 1).expand(B, K, 1)).squeeze(2)
+                return -torch.logsumexp(gold + encoder.log_weights(), 1).mean()
 
             def run() -> None:
-                log_probs = forward()
-                loss = -log_probs.gather(1, labels[:, None]).mean()
-                loss.backward()
+                loss_of(forward()).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            # the loop must compute the same mixture as the batched forward
+            # the loop must compute the same mixture and loss as the batched forward
             pm.set_adapter(name)
             was_training = pm.training
             pm.eval()
             with torch.no_grad():
-                diff = (forward() - pm(**batch).log_probs).abs().max().item()
+                per_template, batched = forward(), pm(**batch)
+                mixed = torch.logsumexp(per_template + encoder.log_weights()[None, :, None], 1)
+                diff = (mixed - batched.log_probs).abs().max().item()
+                diff = max(diff, (loss_of(per_template) - batched.loss).abs().item())
             pm.train(was_training)
             if diff > 1e-3:
                 raise RuntimeError(f"K-loop and batched mixture disagree by {diff} for {name}")

@@ -581,7 +581,7 @@ def run_relation(
         with torch.set_grad_enabled(optimizer is not None):
             for step, batch in enumerate(bar, start=1):
                 with accelerator.accumulate(train_model):
-                    out = train_model(**model_inputs(batch), return_template_log_probs=em)
+                    out = train_model(**model_inputs(batch), return_log_probs=False, return_template_log_probs=em)
                     loss = out.loss
                     bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=accelerator.device)
                     if accelerator.num_processes > 1:

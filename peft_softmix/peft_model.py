@@ -43,7 +43,8 @@ class SoftMixtureOutput(ModelOutput):
     """
     Args:
         loss: mean of -log p(y|x) over the examples that have a label (0, with no gradient, if none has one).
-        log_probs: ``[B, V]`` log of the mixture distribution over the vocabulary at the mask.
+        log_probs: ``[B, V]`` log of the mixture distribution over the vocabulary at the mask, unless the forward
+            was called with ``return_log_probs=False``.
         template_log_probs: ``[B, K, V]`` each template's log p_k(y|x), when asked for.
         log_weights: ``[K]`` log mixture weights.
     """
@@ -358,6 +359,7 @@ class PeftModelForSoftMixture(PeftModel):
         labels: torch.Tensor | None = None,
         candidate_mask: torch.Tensor | None = None,
         return_template_log_probs: bool = False,
+        return_log_probs: bool = True,
         **kwargs: Any,
     ) -> SoftMixtureOutput:
         """Score the mask of every filled template and mix: log p(y|x) = logsumexp_k(log pi_k + log p_k(y|x)).
@@ -369,6 +371,10 @@ class PeftModelForSoftMixture(PeftModel):
             mask_positions: ``[B, K]``.
             labels: ``[B]`` gold object token ids (-100 to ignore); gives ``loss``.
             candidate_mask: ``[V]`` bool, restricts the distribution to these tokens (e.g. LAMA's common vocab).
+            return_template_log_probs: also return each template's ``[B, K, V]`` distribution.
+            return_log_probs: False leaves ``log_probs`` out (None). A training step that needs only ``loss`` then
+                skips mixing K distributions over the whole vocabulary, which the loss does not need (it mixes
+                the K gold log-probs only), and keeping that mixture for a backward pass.
         """
         B, K, T = input_ids.shape
         encoder = self._encoder()
@@ -398,7 +404,7 @@ class PeftModelForSoftMixture(PeftModel):
         template_log_probs = torch.log_softmax(logits, dim=-1).view(B, K, -1)
         log_weights = encoder.log_weights() if active else torch.full((K,), -math.log(K))
         log_weights = log_weights.to(template_log_probs.device)
-        log_probs = mix_templates(template_log_probs, log_weights)
+        log_probs = mix_templates(template_log_probs, log_weights) if return_log_probs else None
         loss = None
         if labels is not None:
             keep = labels != IGNORE_INDEX

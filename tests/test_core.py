@@ -339,3 +339,28 @@ def test_unlabelled_facts_change_neither_loss_nor_gradients(base, k):
     nothing, no_grads = loss_and_grads(["Dante", "Ali"], ["Indias", "Indias"])
     assert nothing.item() == 0.0
     assert all(not grad.any() for grad in no_grads.values())
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_step_without_log_probs_has_the_same_loss_and_gradients(base, k):
+    pm = make(base, templates=TEMPLATES[:k], template_weights=[float(i + 1) for i in range(k)], deep=2)
+    encoder = pm.prompt_encoder["default"]
+    with torch.no_grad():
+        encoder.deep_offsets.normal_(0, 0.1)
+    batch = pm.encode(["Dante", "Ali", "Dante"], ["Florence", "Rome", "Indias"])
+
+    def step(**kwargs):
+        encoder.zero_grad(set_to_none=True)
+        out = pm(**batch, **kwargs)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+
+    full, grads = step(return_template_log_probs=True)
+    lean, lean_grads = step(return_log_probs=False, return_template_log_probs=True)
+    assert full.log_probs is not None and full.log_probs.shape == (3, full.template_log_probs.shape[-1])
+    assert lean.log_probs is None
+    # the loss, its gradients and what EM reads (each template's distribution) are those of the full forward
+    assert torch.equal(lean.loss, full.loss) and torch.equal(lean.template_log_probs, full.template_log_probs)
+    assert set(lean_grads) == set(grads) and (k == 1 or "mixture_logits" in grads)
+    for name, grad in grads.items():
+        assert torch.equal(lean_grads[name], grad), name
