@@ -80,6 +80,11 @@ class SoftMixtureModel(BasePromptEncoder):
     def num_templates(self) -> int:
         return int(self.mixture_logits.shape[0])
 
+    @property
+    def num_soft_words(self) -> int:
+        """The words of all K templates: each filled query of a fact holds its template's words once."""
+        return int(self.soft_words.shape[0])
+
     def log_weights(self) -> torch.Tensor:
         """log pi_k, the log mixture weights."""
         return torch.log_softmax(self.mixture_logits.float(), dim=0)

@@ -100,6 +100,9 @@ class PeftModelForSoftMixture(PeftModel):
             raise TypeError(f"PeftModelForSoftMixture takes a SoftMixtureConfig, got {type(peft_config).__name__}.")
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+        if peft_config.base_model_name_or_path is None:
+            # as get_peft_model does for the first adapter: the tokenizer of a from_pretrained base is found by name
+            peft_config.base_model_name_or_path = self.base_model.__dict__.get("name_or_path") or None
         self.peft_config[adapter_name] = peft_config
         try:
             self._setup_prompt_encoder(adapter_name)
@@ -389,6 +392,14 @@ class PeftModelForSoftMixture(PeftModel):
         with ExitStack() as stack:
             if active:
                 positions = SoftPositions.of(roles.reshape(B * K, T))
+                if positions.index.numel() != B * encoder.num_soft_words:
+                    # known on the host already (it sized the index): a batch of another adapter's templates would
+                    # index soft words that are not there, or the wrong ones
+                    raise ValueError(
+                        f"The batch's queries hold {positions.index.numel()} template words but {B} facts of adapter "
+                        f"'{self.active_adapter}' hold {B * encoder.num_soft_words}: the batch was encoded with "
+                        "another adapter's templates (or built by hand); encode it with this adapter active."
+                    )
                 # the model gets token ids; only the embedding table's output changes (see soft_word_embeddings)
                 stack.enter_context(soft_word_embeddings(self._embedding_tables, encoder, positions, flat_ids))
                 if encoder.deep_offsets is not None:

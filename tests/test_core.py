@@ -364,3 +364,20 @@ def test_a_step_without_log_probs_has_the_same_loss_and_gradients(base, k):
     assert set(lean_grads) == set(grads) and (k == 1 or "mixture_logits" in grads)
     for name, grad in grads.items():
         assert torch.equal(lean_grads[name], grad), name
+
+
+def test_a_batch_of_another_adapters_templates_is_refused(base):
+    # the same K, other template words: the K check alone cannot tell the batches apart
+    pm = get_peft_model(base, SoftMixtureConfig(templates=TEMPLATES[2:4]), adapter_name="long")
+    # no tokenizer_name_or_path: a later adapter finds the from_pretrained base's tokenizer as the first one does
+    pm.add_adapter("short", SoftMixtureConfig(templates=["[X] in [Y] .", "[Y] of [X]"]))
+    assert pm.peft_config["short"].base_model_name_or_path == pm.peft_config["long"].base_model_name_or_path
+    batches = {}
+    for name in ("long", "short"):
+        pm.set_adapter(name)
+        batches[name] = pm.encode(["Dante", "Ali"], ["Florence", "Rome"])
+        assert torch.isfinite(pm(**batches[name]).loss)
+    for name, other in (("long", "short"), ("short", "long")):
+        pm.set_adapter(name)
+        with pytest.raises(ValueError, match=rf"adapter '{name}'.*encode it with this adapter active"):
+            pm(**batches[other])
