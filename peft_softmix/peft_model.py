@@ -376,8 +376,8 @@ class PeftModelForSoftMixture(PeftModel):
             candidate_mask: ``[V]`` bool, restricts the distribution to these tokens (e.g. LAMA's common vocab).
             return_template_log_probs: also return each template's ``[B, K, V]`` distribution.
             return_log_probs: False leaves ``log_probs`` out (None). A training step that needs only ``loss`` then
-                skips mixing K distributions over the whole vocabulary, which the loss does not need (it mixes
-                the K gold log-probs only), and keeping that mixture for a backward pass.
+                neither mixes K distributions over the whole vocabulary (the loss mixes the K gold log-probs only)
+                nor keeps that mixture for a backward pass.
         """
         B, K, T = input_ids.shape
         encoder = self._encoder()
