@@ -392,13 +392,15 @@ class PeftModelForSoftMixture(PeftModel):
         with ExitStack() as stack:
             if active:
                 positions = SoftPositions.of(roles.reshape(B * K, T))
-                if positions.index.numel() != B * encoder.num_soft_words:
-                    # known on the host already (it sized the index): a batch of another adapter's templates would
-                    # index soft words that are not there, or the wrong ones
+                if positions.index.numel() > B * encoder.num_soft_words:
+                    # a count known on the host already (it sized the index). Fewer is fine: a template stretch that
+                    # tokenises differently next to a subject keeps its hard words. More means soft words this
+                    # adapter does not have, which would fail inside torch (a device-side assert on a GPU)
                     raise ValueError(
-                        f"The batch's queries hold {positions.index.numel()} template words but {B} facts of adapter "
-                        f"'{self.active_adapter}' hold {B * encoder.num_soft_words}: the batch was encoded with "
-                        "another adapter's templates (or built by hand); encode it with this adapter active."
+                        f"The batch's queries hold {positions.index.numel()} template words, more than {B} facts "
+                        f"can hold with adapter '{self.active_adapter}' ({B * encoder.num_soft_words}): the batch was "
+                        "encoded with another adapter's templates (or built by hand); encode it with this adapter "
+                        "active."
                     )
                 # the model gets token ids; only the embedding table's output changes (see soft_word_embeddings)
                 stack.enter_context(soft_word_embeddings(self._embedding_tables, encoder, positions, flat_ids))
