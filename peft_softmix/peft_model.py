@@ -287,7 +287,9 @@ class PeftModelForSoftMixture(PeftModel):
                 key = (k, subject)
                 row = runtime.rows.get(key)
                 if row is None:
-                    query = runtime.cache[key] = encode_query(tokenizer, layout, subject)
+                    query = runtime.cache.get(key)  # `query_lengths` may have tokenised it already
+                    if query is None:
+                        query = runtime.cache[key] = encode_query(tokenizer, layout, subject)
                     # template words numbered as rows of `soft_words` here, once per query, not in every forward
                     start = sum(earlier.num_soft_words for earlier in runtime.layouts[:k])
                     numbered = [role + start if role >= 0 else role for role in query.roles]

@@ -393,3 +393,27 @@ def test_template_words_that_tokenise_with_the_subject_keep_their_hard_embedding
         for k, text in enumerate([template, TEMPLATES[0]]):
             expected = hard_log_probs(bare, tokenizer, text, subject)
             torch.testing.assert_close(out.template_log_probs[b, k], expected, atol=1e-5, rtol=0)
+
+
+def test_encode_reuses_the_queries_that_query_lengths_tokenised(base, tiny_dir, monkeypatch):
+    import peft_softmix.peft_model as peft_model_module
+
+    calls = []
+    real = peft_model_module.encode_query
+
+    def counting(tokenizer, layout, subject):
+        calls.append((layout.template, subject))
+        return real(tokenizer, layout, subject)
+
+    monkeypatch.setattr(peft_model_module, "encode_query", counting)
+    pm = make(base)
+    calls.clear()  # setting the adapter up tokenises a probe query
+    lengths = pm.query_lengths(SUBJECTS)
+    assert len(calls) == len(SUBJECTS) * len(TEMPLATES)
+    batch = pm.encode(SUBJECTS, ["Florence"] * len(SUBJECTS))
+    assert len(calls) == len(SUBJECTS) * len(TEMPLATES)  # every query was tokenised once
+    assert lengths == batch["attention_mask"].sum(-1).max(-1).values.tolist()
+    # and the batch is what a model that never ran query_lengths encodes
+    fresh = make(AutoModelForMaskedLM.from_pretrained(str(tiny_dir)))
+    for name, tensor in fresh.encode(SUBJECTS, ["Florence"] * len(SUBJECTS)).items():
+        assert torch.equal(batch[name], tensor), name
