@@ -583,10 +583,13 @@ def run_relation(
                 with accelerator.accumulate(train_model):
                     out = train_model(**model_inputs(batch), return_log_probs=False, return_template_log_probs=em)
                     loss = out.loss
-                    bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=accelerator.device)
+                    nonfinite = (~torch.isfinite(loss.detach())).float()
                     if accelerator.num_processes > 1:
-                        bad = accelerator.reduce(bad, reduction="sum")
-                    if bad > 0:
+                        nonfinite = accelerator.reduce(nonfinite, reduction="sum")
+                    # the step's one wait for the GPU, before the backward pass: a non-finite loss on any process
+                    # stops training before it reaches the prompts. Waiting after the update instead would keep
+                    # the next batch's preparation from overlapping this step's kernels
+                    if nonfinite.item() > 0:
                         raise TrainingDiverged(
                             f"Training {relation} stopped: the loss became {loss.item()} at epoch {epoch}, step "
                             f"{step}. "
@@ -598,6 +601,8 @@ def run_relation(
                             + f"lower --learning_rate (now {args.learning_rate}) or use --mixed_precision no, then "
                             "rerun" + (" with --resume_from_checkpoint latest." if last_checkpoint else ".")
                         )
+                    if progress:
+                        bar.set_postfix(loss=f"{loss.item():.3f}")  # ready: the check above waited for it
                     if em:
                         posterior_sum += em_posteriors(
                             out.template_log_probs.detach(), out.log_weights.detach(), batch["labels"]
@@ -608,7 +613,6 @@ def run_relation(
                         optimizer.zero_grad()
                 total_loss += loss.detach().float()
                 steps += 1
-                bar.set_postfix(loss=f"{loss.item():.3f}")
         if em:
             if accelerator.num_processes > 1:
                 posterior_sum = accelerator.reduce(posterior_sum, reduction="sum")
