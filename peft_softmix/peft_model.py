@@ -72,6 +72,13 @@ class _AdapterRuntime:
     object_ids: dict[str | None, int | None] = field(default_factory=dict)
     max_length: int | None = None
 
+    def query(self, k: int, subject: str) -> EncodedQuery:
+        """Template ``k`` filled with ``subject``, tokenised once per adapter (`encode` and `query_lengths`)."""
+        query = self.cache.get((k, subject))
+        if query is None:
+            query = self.cache[k, subject] = encode_query(self.tokenizer, self.layouts[k], subject)
+        return query
+
 
 class PeftModelForSoftMixture(PeftModel):
     """
@@ -283,13 +290,11 @@ class PeftModelForSoftMixture(PeftModel):
         queries: list[EncodedQuery] = []
         rows: list[torch.Tensor] = []
         for subject in subjects:
-            for k, layout in enumerate(runtime.layouts):
+            for k in range(len(runtime.layouts)):
                 key = (k, subject)
                 row = runtime.rows.get(key)
                 if row is None:
-                    query = runtime.cache.get(key)  # `query_lengths` may have tokenised it already
-                    if query is None:
-                        query = runtime.cache[key] = encode_query(tokenizer, layout, subject)
+                    query = runtime.query(k, subject)
                     # template words numbered as rows of `soft_words` here, once per query, not in every forward
                     start = sum(earlier.num_soft_words for earlier in runtime.layouts[:k])
                     numbered = [role + start if role >= 0 else role for role in query.roles]
@@ -334,11 +339,8 @@ class PeftModelForSoftMixture(PeftModel):
         lengths = []
         for subject in subjects:
             longest = 0
-            for k, layout in enumerate(runtime.layouts):
-                query = runtime.cache.get((k, subject))
-                if query is None:
-                    query = runtime.cache[k, subject] = encode_query(runtime.tokenizer, layout, subject)
-                longest = max(longest, len(query.input_ids))
+            for k in range(len(runtime.layouts)):
+                longest = max(longest, len(runtime.query(k, subject).input_ids))
             lengths.append(longest)
         return lengths
 
