@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from peft import get_peft_model
@@ -412,6 +412,7 @@ def eval_loader(
         batch_size=batch_size,
         sampler=SequentialSampler(range(len(ordered))),
         collate_fn=FactCollator(model, ordered),
+        pin_memory=accelerator.device.type == "cuda",
     )
     return accelerator.prepare(loader), order
 
@@ -524,6 +525,7 @@ def run_relation(
         FactDataset(train_facts),
         batch_sampler=BatchSampler(sampler, args.per_device_train_batch_size, drop_last=False),
         collate_fn=FactCollator(model, train_facts),
+        pin_memory=accelerator.device.type == "cuda",
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     if trainable:
@@ -768,7 +770,10 @@ def resume_points(args: argparse.Namespace, relations: list[str]) -> dict[str, P
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        # with the loaders' pinned batches (on a GPU), copies to the device do not wait for it
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the epoch log
