@@ -68,6 +68,7 @@ from peft_softmix.layers import (  # noqa: E402
     find_backbone,
     gather_mask_positions,
 )
+from peft_softmix.peft_model import mix_templates  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_PROBE_LM = REPO_ROOT / "examples" / "probe_lm"
@@ -471,7 +472,7 @@ class Bench:
             def loss_of(per_template: torch.Tensor) -> torch.Tensor:
                 # the gold's K log-probs mixed, as the batched loss does: the loop differs in the forwards only
                 gold = per_template.gather(2, labels.view(B, 1, 1).expand(B, K, 1)).squeeze(2)
-                return -torch.logsumexp(gold + encoder.log_weights(), 1).mean()
+                return -mix_templates(gold, encoder.log_weights()).mean()
 
             def run() -> None:
                 loss_of(forward()).backward()
@@ -484,7 +485,7 @@ class Bench:
             pm.eval()
             with torch.no_grad():
                 per_template, batched = forward(), pm(**batch)
-                mixed = torch.logsumexp(per_template + encoder.log_weights()[None, :, None], 1)
+                mixed = mix_templates(per_template, encoder.log_weights())
                 diff = (mixed - batched.log_probs).abs().max().item()
                 diff = max(diff, (loss_of(per_template) - batched.loss).abs().item())
             pm.train(was_training)
