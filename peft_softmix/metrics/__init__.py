@@ -8,6 +8,8 @@ from typing import Any
 import torch
 
 FACT_RETRIEVAL_SCRIPT = Path(__file__).parent / "fact_retrieval" / "fact_retrieval.py"
+# The scores the metric gives per relation (and, prefixed with "micro_" / "macro_", overall), in table order.
+METRIC_KEYS = ("p@1", "p@10", "mrr")
 
 
 def load_fact_retrieval(**kwargs: Any):
@@ -83,4 +85,4 @@ def rank_of_gold(
     return higher.sum(dim=1) + 1
 
 
-__all__ = ["FACT_RETRIEVAL_SCRIPT", "load_fact_retrieval", "rank_of_gold"]
+__all__ = ["FACT_RETRIEVAL_SCRIPT", "METRIC_KEYS", "load_fact_retrieval", "rank_of_gold"]
