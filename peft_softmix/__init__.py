@@ -6,26 +6,35 @@ Importing the package registers the ``SOFT_MIXTURE`` method with PEFT, so that `
 
 __version__ = "0.1.0"
 
-from .config import PEFT_TYPE, TASK_TYPE, SoftMixtureConfig, SoftMixtureInit  # noqa: E402
-from .model import AdapterLoadError, SoftMixtureModel  # noqa: E402
-from .peft_model import PeftModelForSoftMixture, QueryTooLongError, SoftMixtureOutput  # noqa: E402
+from .config import PEFT_TYPE, SoftMixtureConfig, SoftMixtureInit  # noqa: E402
+from .errors import (  # noqa: E402
+    AdapterLoadError,
+    DataFormatError,
+    QueryTooLongError,
+    TemplateError,
+    TemplateSetError,
+    UnsupportedArchitectureError,
+)
+from .model import SoftMixtureModel  # noqa: E402
+from .peft_model import PeftModelForSoftMixture, SoftMixtureOutput  # noqa: E402
+from .processing import SoftMixtureProcessor  # noqa: E402
 from .registration import register  # noqa: E402
-from .tokenization import TemplateError, object_token_id  # noqa: E402
 
 register()
 
 __all__ = [
     "PEFT_TYPE",
-    "TASK_TYPE",
     "AdapterLoadError",
+    "DataFormatError",
     "PeftModelForSoftMixture",
     "QueryTooLongError",
     "SoftMixtureConfig",
     "SoftMixtureInit",
     "SoftMixtureModel",
     "SoftMixtureOutput",
+    "SoftMixtureProcessor",
     "TemplateError",
+    "TemplateSetError",
+    "UnsupportedArchitectureError",
     "__version__",
-    "object_token_id",
-    "register",
 ]

@@ -1,24 +1,24 @@
-"""Which masked-LM architectures a mixture of soft prompts fits, and the few that need a rule of their own.
+"""What a masked LM is made of, for a mixture of soft prompts, and whether its architecture is supported.
 
-The generic rules (in `layers.py`) cover almost every `AutoModelForMaskedLM` type: soft words are swapped into the
-output of the token embedding table, so the model runs on its usual token ids; deep offsets go before each call of
-the largest stack of identical blocks. This module holds the exceptions as small explicit tables, the clear error
-for the types that cannot work, and `check_architecture`, the end-to-end check behind both the test matrix and
-``docs/supported-architectures.md``.
+The generic rules find the parts of almost every `AutoModelForMaskedLM` type without per-model code: the token
+embedding table (soft words are swapped into its output, so the model runs on its usual token ids), the layer stack
+(the `nn.ModuleList` of identical blocks holding the most parameters; deep offsets go before each call of it) and
+the backbone whose output the MLM head reads. The exceptions are the small explicit tables `UNSUPPORTED` and
+`DEEP_UNSUPPORTED`, with the clear error for the types that cannot work. The end-to-end check of every type
+(``tests/architecture_check.py``, behind ``docs/supported-architectures.md``) is a test helper, not part of the
+package.
 """
 
 from __future__ import annotations
 
-import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .layers import find_input_embeddings, find_layer_stack
+from .errors import UnsupportedArchitectureError
+from .hooks import count_layer_calls, gather_mask_positions
 
 # Types whose masked-LM head cannot be queried with a cloze prompt at all.
 UNSUPPORTED: dict[str, str] = {
@@ -35,19 +35,6 @@ DEEP_UNSUPPORTED: dict[str, str] = {
     "squeezebert": "SqueezeBERT calls its layers' forward() directly, which bypasses the hooks that add the "
     "offsets (and its layers take channel-first hidden states).",
 }
-
-# Types whose predictions for a query change when it is padded in a batch beside longer queries (the model itself
-# reads the pad positions; the adapter reproduces the hard prompts exactly either way).
-PADDING_SENSITIVE: dict[str, str] = {
-    "convbert": "ConvBERT's span-based convolution mixes pad positions into their neighbours.",
-    "fnet": "FNet has no attention mask: its Fourier mixing runs over the pad positions too.",
-    "funnel": "Funnel's pooling mixes pad positions into the pooled sequence.",
-    "yoso": "YOSO's hashing-based attention approximation does not fully exclude pad positions.",
-}
-
-
-class UnsupportedArchitectureError(ValueError):
-    """A base model whose architecture cannot take a mixture of soft prompts (or deep prompts)."""
 
 
 def model_type(model: nn.Module) -> str:
@@ -84,6 +71,62 @@ def check_supported(model: nn.Module, deep: bool) -> None:
     reason = unsupported_reason(kind, deep)
     if reason:
         raise UnsupportedArchitectureError(f"{type(model).__name__} (model_type {kind!r}) {reason}")
+
+
+# -- finding a model's parts ------------------------------------------------------------------------------------
+
+
+def find_layer_stack(model: nn.Module) -> list[nn.Module]:
+    """The blocks of the largest `nn.ModuleList` of same-class modules (the transformer layers)."""
+    best: list[nn.Module] = []
+    best_params = -1
+    for module in model.modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        n_params = sum(p.numel() for p in module.parameters())
+        if n_params > best_params:
+            best, best_params = list(module), n_params
+    return best
+
+
+def find_input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The token embedding table: ``get_input_embeddings()``, else the embedding as wide as the vocabulary.
+
+    Any module with a ``[vocab, width]`` ``weight`` qualifies (I-BERT's `QuantEmbedding` is no `nn.Embedding`).
+    """
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if callable(getter) else None
+    if isinstance(embeddings, nn.Module) and _is_table(embeddings, vocab_size):
+        return embeddings
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module.num_embeddings == vocab_size:
+            return module
+    return None
+
+
+def _is_table(module: nn.Module, vocab_size: int | None) -> bool:
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Embedding):
+        return True
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == vocab_size
+
+
+def tied_embedding_modules(model: nn.Module, embeddings: nn.Module) -> list[nn.Module]:
+    """Every module that looks tokens up in ``embeddings``'s table: seq2seq models keep one module per stack."""
+    weight = embeddings.weight
+    # _parameters, not getattr: a missing attribute costs an exception per module, and this runs every forward
+    tied = [m for m in model.modules() if m is not embeddings and m._parameters.get("weight") is weight]
+    return [embeddings, *(m for m in tied if not isinstance(m, nn.Linear))]
+
+
+def find_backbone(model: nn.Module) -> nn.Module | None:
+    """The encoder whose first output is the last hidden state that the MLM head reads."""
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    return backbone if isinstance(backbone, nn.Module) and backbone is not model else None
 
 
 def input_embeddings(model: nn.Module) -> nn.Embedding:
@@ -140,176 +183,61 @@ def max_query_length(model: nn.Module, tokenizer: Any) -> int | None:
     return min(limits) if limits else None
 
 
-# -- the end-to-end check ----------------------------------------------------------------------------------------
-
-CHECK_TEMPLATES = ("[X] was born in [Y] .", "[X] is a subclass of [Y] .")
-CHECK_SUBJECTS = ("Dante", "Zxq Qwerty")
-CHECK_OBJECTS = ("Florence", "Paris")
+# -- one probe forward pass ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class ArchitectureCheck:
-    """The outcome of `check_architecture` for one model type and one prompt depth."""
+@dataclass(frozen=True)
+class ProbeResult:
+    """What one probe forward pass of the base model tells about it.
 
-    model_type: str
-    deep: bool
-    ok: bool = False
-    unsupported: bool = False
-    error: str | None = None
-    stage: str | None = None
-    seconds: float = 0.0
-    details: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {
-            "ok": self.ok,
-            "unsupported": self.unsupported,
-            "error": self.error,
-            "stage": self.stage,
-            "seconds": round(self.seconds, 3),
-            **self.details,
-        }
-
-
-def check_architecture(
-    make_model: Callable[[], nn.Module], tokenizer_path: str, deep: bool, tolerance: float = 1e-5
-) -> ArchitectureCheck:
-    """Run a mixture of soft prompts end to end on a model type and say whether (and where) it fails.
-
-    ``make_model`` must return the same masked LM (same weights) each time it is called. The stages: the
-    template-initialised mixture gives each template exactly the bare model's distribution for the filled hard
-    template; gradients reach the soft words (and deep offsets); after one training step the adapter saves, and
-    `PeftModel.from_pretrained` on a fresh identical base gives identical predictions.
-    An `UnsupportedArchitectureError` at `get_peft_model` is reported as ``unsupported``, not as a failure.
+    Attributes:
+        gather_ok: Whether the LM head may run at the mask positions only (it gave the full head's logits there).
+        layers: The layer modules deep offsets enter, or None when deep prompts were not asked for.
+        depth: How many layer calls a forward makes (None when not measured).
+        hidden_size: The width of the hidden states entering the layers (0 when not measured).
     """
-    from peft import PeftModel, get_peft_model
-    from transformers import AutoTokenizer
 
-    from .config import SoftMixtureConfig
+    gather_ok: bool
+    layers: list[nn.Module] | None = None
+    depth: int | None = None
+    hidden_size: int = 0
 
-    start = time.perf_counter()
-    result = ArchitectureCheck(model_type="?", deep=deep)
-    stage: str | None = "building the model"
+
+def probe_model(model: nn.Module, input_ids: torch.Tensor, mask_position: int, want_layers: bool) -> ProbeResult:
+    """Run ``model`` once on a ``[1, T]`` query with its mask at ``mask_position``, in eval mode, without gradients.
+
+    Measures the layer stack's depth in calls (with ``want_layers``) and checks that the LM head run at the mask
+    position only gives the full head's logits there.
+    """
+    kwargs = {"attention_mask": torch.ones_like(input_ids)}
+    layers: list[nn.Module] | None = None
+    depth: int | None = None
+    hidden_size = 0
+    gather_ok = False
+    was_training = model.training
+    model.eval()
     try:
-        base = make_model().eval()
-        result.model_type = model_type(base)
-        stage = "get_peft_model"
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        frozen = {name: tensor.clone() for name, tensor in base.state_dict().items()}
-        config = SoftMixtureConfig(templates=list(CHECK_TEMPLATES), tokenizer_name_or_path=tokenizer_path, deep=deep)
-        try:
-            peft_model = get_peft_model(base, config)
-        except UnsupportedArchitectureError as err:
-            result.unsupported, result.error = True, str(err)
-            return result
-        peft_model.eval()
-        result.details["layers"] = getattr(peft_model.peft_config["default"], "num_deep_layers", None)
-        batch = peft_model.encode(list(CHECK_SUBJECTS), list(CHECK_OBJECTS))
-
-        stage = "hard-prompt equivalence"
         with torch.no_grad():
-            initial = peft_model(**batch, return_template_log_probs=True)
-            gap = _gap_to_hard_prompts(base, batch, initial.template_log_probs)
-            # the same filled templates one at a time, unpadded: differs only for models that read padding
-            result.details["unpadded_gap"] = _gap_to_unpadded_prompts(base, tokenizer, initial.template_log_probs)
-        result.details["init_gap"] = gap
-        if not gap <= tolerance:
-            raise AssertionError(f"template-initialised soft prompts differ from the hard prompts by {gap:.2e}")
-
-        stage = "backward"
-        encoder = peft_model.prompt_encoder["default"]
-        output = peft_model(**batch)
-        output.loss.backward()
-        names = ["soft_words", "mixture_logits", *(["deep_offsets"] if deep else [])]
-        tensors: dict[str, torch.Tensor] = {}
-        for name in names:
-            tensor = getattr(encoder, name, None)
-            grad = getattr(tensor, "grad", None)
-            if not isinstance(tensor, torch.Tensor) or grad is None or not grad.abs().sum() > 0:
-                raise AssertionError(f"no gradient reaches {name}")
-            if not torch.isfinite(grad).all():
-                raise AssertionError(f"the gradient of {name} is not finite")
-            tensors[name] = tensor
-        with torch.no_grad():
-            for tensor in tensors.values():
-                tensor -= 0.5 * tensor.grad.sign()  # type: ignore[union-attr]
-        if any(not torch.equal(frozen[name], tensor) for name, tensor in base.state_dict().items()):
-            raise AssertionError("the base model's weights changed")
-
-        stage = "training step changes predictions"
-        with torch.no_grad():
-            trained = peft_model(**batch).log_probs
-        moved = (trained - initial.log_probs).abs().max().item()
-        if not moved > 1e-4:
-            raise AssertionError(f"a training step left the predictions unchanged (max change {moved:.1e})")
-
-        stage = "position limit"
-        result.details["max_query_length"] = _check_position_limit(peft_model)
-
-        stage = "save and reload"
-        with tempfile.TemporaryDirectory() as folder:
-            peft_model.save_pretrained(folder)
-            reloaded = PeftModel.from_pretrained(make_model().eval(), folder)
-            reloaded.eval()
-            with torch.no_grad():
-                again = reloaded(**batch).log_probs
-        drift = (again - trained).abs().max().item()
-        result.details["reload_gap"] = drift
-        if not drift <= tolerance:
-            raise AssertionError(f"the reloaded adapter predicts differently (max difference {drift:.2e})")
-        result.ok, stage = True, None
-    except Exception as err:  # the matrix records every failure instead of stopping at the first
-        result.error = f"{type(err).__name__}: {err}".strip()[:500]
+            stack = layer_stack(model) if want_layers else []
+            with count_layer_calls(stack) as counter:
+                full = model(input_ids=input_ids, **kwargs).logits[0, mask_position].float()
+            if want_layers:
+                if not counter.calls:
+                    raise ValueError(
+                        f"Could not find the transformer layers of {type(model).__name__} for deep prompts; "
+                        "use deep=False."
+                    )
+                layers, depth, hidden_size = stack, counter.calls, counter.hidden_size
+            backbone = find_backbone(model)
+            if backbone is not None:
+                try:
+                    with gather_mask_positions(backbone, torch.tensor([mask_position], device=input_ids.device)):
+                        picked = model(input_ids=input_ids, **kwargs).logits
+                    gather_ok = picked.shape[1] == 1 and torch.allclose(
+                        picked[0, 0].float(), full, atol=1e-4, rtol=1e-4
+                    )
+                except Exception:  # an exotic head: fall back to the full logits, which is always right
+                    gather_ok = False
     finally:
-        result.stage = stage
-        result.seconds = time.perf_counter() - start
-    return result
-
-
-def _check_position_limit(peft_model: Any) -> int | None:
-    """A query exactly as long as `max_query_length` runs; one token more is refused before the model sees it."""
-    from .peft_model import QueryTooLongError
-
-    limit = peft_model.max_query_length
-    if limit is None:
-        return None
-    # " in" is one token in every tokenizer family of the matrix, so the query grows a token per repetition
-    base_length = peft_model.query_lengths(["in"])[0] - 1
-    longest = " ".join(["in"] * (limit - base_length))
-    if peft_model.query_lengths([longest])[0] != limit:
-        raise AssertionError(f"could not build a query of exactly {limit} tokens")
-    with torch.no_grad():
-        log_probs = peft_model(**peft_model.encode([longest])).log_probs
-    if not torch.isfinite(log_probs).all():
-        raise AssertionError(f"a query of {limit} tokens (the stated limit) gives non-finite scores")
-    try:
-        peft_model.encode([longest + " in"])
-    except QueryTooLongError:
-        return limit
-    raise AssertionError(f"a query of {limit + 1} tokens was not refused")
-
-
-def _gap_to_hard_prompts(base: nn.Module, batch: dict, template_log_probs: torch.Tensor) -> float:
-    """Largest |log p| difference between the adapter's per-template distributions and the bare model's, on the
-    same (padded) batch of filled hard templates."""
-    B, K, T = batch["input_ids"].shape
-    logits = base(
-        input_ids=batch["input_ids"].reshape(B * K, T), attention_mask=batch["attention_mask"].reshape(B * K, T)
-    ).logits
-    at_mask = logits[torch.arange(B * K), batch["mask_positions"].reshape(B * K)].float()
-    hard = torch.log_softmax(at_mask, dim=-1).view(B, K, -1)
-    return (hard - template_log_probs).abs().max().item()
-
-
-def _gap_to_unpadded_prompts(base: nn.Module, tokenizer, template_log_probs: torch.Tensor) -> float:
-    """Like `_gap_to_hard_prompts`, with each filled template tokenised and run on its own."""
-    gap = 0.0
-    for b, subject in enumerate(CHECK_SUBJECTS):
-        for k, template in enumerate(CHECK_TEMPLATES):
-            text = template.replace("[X]", subject).replace("[Y]", tokenizer.mask_token)
-            enc = tokenizer(text, return_tensors="pt")
-            position = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero()[0, 0]
-            logits = base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-            hard = torch.log_softmax(logits[0, position].float(), dim=-1)
-            gap = max(gap, (hard - template_log_probs[b, k]).abs().max().item())
-    return gap
+        model.train(was_training)
+    return ProbeResult(gather_ok=bool(gather_ok), layers=layers, depth=depth, hidden_size=hidden_size)

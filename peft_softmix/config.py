@@ -5,11 +5,14 @@ from __future__ import annotations
 import enum
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from peft.config import PromptLearningConfig
 from peft.utils import CONFIG_NAME
 
+from .errors import AdapterLoadError
 from .tokenization import validate_template
 
 PEFT_TYPE = "SOFT_MIXTURE"
@@ -20,8 +23,30 @@ CONFIG_FORMAT_VERSION = 1
 SAVED_KEYS = ("peft_type", "templates", "template_token_ids", "vocab_size", "token_dim")
 
 
-class AdapterLoadError(ValueError):
-    """An adapter file that cannot be read, or does not fit the adapter or base model it is loaded into."""
+def check_format_version(version: object, source: str | None = None) -> None:
+    """Refuse an adapter written in a newer file format than this peft_softmix reads (``source``: the file)."""
+    if isinstance(version, int) and not isinstance(version, bool) and version <= CONFIG_FORMAT_VERSION:
+        return
+    raise AdapterLoadError(
+        f"{source or 'This adapter'} was written in format version {version!r}, newer than this peft_softmix "
+        f"understands ({CONFIG_FORMAT_VERSION}). Upgrade peft_softmix: pip install -U peft-softmix."
+    )
+
+
+@contextmanager
+def naming_config_file(source: str | None) -> Iterator[None]:
+    """Make a problem found in a saved ``adapter_config.json`` (``source``) an `AdapterLoadError` naming the file.
+
+    The one place that words such errors for the content of the file, whether it shows when the config is built
+    (a template without ``[Y]``) or when it meets the base model and tokenizer (templates edited after training).
+    ``source`` None (a config made in memory) leaves errors as they are.
+    """
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        if source is None or source in str(err):
+            raise
+        raise AdapterLoadError(f"{source}: {err}") from err
 
 
 class SoftMixtureInit(str, enum.Enum):
@@ -121,15 +146,7 @@ class SoftMixtureConfig(PromptLearningConfig):
             if any(not w > 0 for w in weights):
                 raise ValueError(f"template_weights must all be positive, got {weights}.")
             self.template_weights = weights
-        if self.format_version > CONFIG_FORMAT_VERSION:
-            raise ValueError(
-                f"This adapter was written in format version {self.format_version}, newer than this peft_softmix "
-                f"understands ({CONFIG_FORMAT_VERSION}). Upgrade peft_softmix: pip install -U peft-softmix."
-            )
-
-    @property
-    def num_templates(self) -> int:
-        return len(self.templates)
+        check_format_version(self.format_version)
 
     def to_dict(self) -> dict:
         output = super().to_dict()
@@ -163,12 +180,7 @@ class SoftMixtureConfig(PromptLearningConfig):
                 f"{path_json_file} has peft_type {attributes['peft_type']!r}, not {PEFT_TYPE!r}: it is not a mixture "
                 "of soft prompts adapter. Load it with the PEFT class it was made with."
             )
-        version = attributes.get("format_version", CONFIG_FORMAT_VERSION)
-        if not isinstance(version, int) or version > CONFIG_FORMAT_VERSION:
-            raise AdapterLoadError(
-                f"{path_json_file} was written in format version {version!r}, newer than this peft_softmix "
-                f"understands ({CONFIG_FORMAT_VERSION}). Upgrade peft_softmix: pip install -U peft-softmix."
-            )
+        check_format_version(attributes.get("format_version", CONFIG_FORMAT_VERSION), path_json_file)
         templates, token_ids = attributes["templates"], attributes["template_token_ids"]
         # null in a config saved on its own, before any model filled it in; then the weights' shapes are the check
         if token_ids is not None and (
@@ -186,12 +198,8 @@ class SoftMixtureConfig(PromptLearningConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         source = os.path.join(folder, CONFIG_NAME)
-        try:
+        with naming_config_file(source):
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        except AdapterLoadError:
-            raise
-        except (ValueError, TypeError) as err:
-            raise AdapterLoadError(f"{source}: {err}") from err
         # lets the checks against the base model and tokenizer name the file (not a field: never saved)
         config._source_file = source
         return config

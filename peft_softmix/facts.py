@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
+from .errors import DataFormatError
 from .tokenization import object_token_id
 
 SPLITS = ("train", "dev", "test")
@@ -29,10 +30,6 @@ SAMPLE_DIR = Path(__file__).parent / "data" / "sample"
 
 # Accepted (subject, object) key pairs, in order of preference.
 _FIELD_STYLES = (("sub_label", "obj_label"), ("sub", "obj"))
-
-
-class DataFormatError(ValueError):
-    """A data file that cannot be read as facts; the message names the file, the line and the problem."""
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,12 @@ import torch
 from peft.tuners.tuners_utils import BasePromptEncoder
 from torch import nn
 
-from .config import AdapterLoadError, SoftMixtureConfig, SoftMixtureInit
-from .layers import SoftPositions
+from .config import SoftMixtureConfig, SoftMixtureInit
+from .errors import AdapterLoadError
+from .hooks import SoftPositions
 from .tokenization import TemplateLayout
 
-ADAPTER_KEYS = ("soft_words", "mixture_logits", "deep_offsets")
-__all__ = ["ADAPTER_KEYS", "AdapterLoadError", "SoftMixtureModel"]
+__all__ = ["SoftMixtureModel"]
 
 
 class SoftMixtureModel(BasePromptEncoder):

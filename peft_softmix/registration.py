@@ -2,13 +2,14 @@
 
 PEFT 0.21's `PeftType` is a closed Enum, so `peft.utils.register_peft_method` refuses new names; its mapping dicts
 accept a plain string key, and `PeftType` members compare equal to their string values, so that is what we use.
+
+Registration only adds entries to those registries: nothing that PEFT's other methods use is replaced or wrapped.
+(So `PeftModel.from_pretrained` parses ``adapter_config.json`` in PEFT's own code, with PEFT's own errors, before
+peft_softmix sees it; `PeftModelForSoftMixture.from_pretrained` checks the file first and names it.)
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import os
 from importlib.metadata import version
 
 from packaging.version import Version
@@ -45,33 +46,6 @@ def _peft_internals():
     return registries
 
 
-def _name_the_config_file(get_peft_type):
-    """Wrap `PeftConfig._get_peft_type` so that an unreadable ``adapter_config.json`` is named in the error.
-
-    `PeftModel.from_pretrained` reads the file there before any method-specific code runs; a broken file already
-    fails at that point, this only turns PEFT's bare `JSONDecodeError` / `KeyError` into a message with the path.
-    """
-
-    original = get_peft_type.__func__  # keep it a classmethod: `cls` decides which from_json_file reads the file
-
-    @functools.wraps(original)
-    def wrapped(cls, model_id, **hf_hub_download_kwargs):
-        try:
-            return original(cls, model_id, **hf_hub_download_kwargs)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-            subfolder = hf_hub_download_kwargs.get("subfolder")
-            folder = os.path.join(model_id, subfolder) if subfolder else os.fspath(model_id)
-            path = os.path.join(folder, "adapter_config.json")
-            problem = f"has no 'peft_type' ({err!r})" if isinstance(err, KeyError) else f"is not valid JSON ({err})"
-            raise ValueError(
-                f"{path} {problem}: the file is truncated or was edited by hand. Save the adapter again, or restore "
-                "the file."
-            ) from None
-
-    wrapped._peft_softmix_wrapped = True  # type: ignore[attr-defined]
-    return classmethod(wrapped)
-
-
 def register() -> None:
     """Make `get_peft_model` and `PeftModel.from_pretrained` know SOFT_MIXTURE. Safe to call twice."""
     installed = Version(version("peft"))
@@ -85,7 +59,3 @@ def register() -> None:
     tuner_map[PEFT_TYPE] = SoftMixtureModel
     prefix_map[PEFT_TYPE] = "soft_mixture_"
     model_map[TASK_TYPE] = PeftModelForSoftMixture
-    from peft.config import PeftConfigMixin
-
-    if not getattr(PeftConfigMixin._get_peft_type, "_peft_softmix_wrapped", False):
-        PeftConfigMixin._get_peft_type = _name_the_config_file(PeftConfigMixin._get_peft_type)  # type: ignore[method-assign]

@@ -23,8 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .facts import SAMPLE_DIR, DataFormatError, read_json_object
-from .tokenization import TemplateError, validate_template
+from .errors import DataFormatError, TemplateError, TemplateSetError
+from .facts import SAMPLE_DIR, read_json_object
+from .tokenization import validate_template
 
 TEMPLATE_FILES = {
     "manual": "lama.jsonl",
@@ -41,10 +42,6 @@ TEMPLATE_FILES = {
 DEFAULT_TEMPLATES_DIR = SAMPLE_DIR / "templates"
 
 _INIT_MODES = {"random", "template"}
-
-
-class TemplateSetError(ValueError):
-    """A template source that is unknown, lacks the relation, or has no usable template for it."""
 
 
 @dataclass(frozen=True)

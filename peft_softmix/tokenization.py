@@ -16,6 +16,8 @@ from weakref import WeakKeyDictionary
 
 from transformers import PreTrainedTokenizerBase
 
+from .errors import TemplateError
+
 SUBJECT_SLOT = "[X]"
 OBJECT_SLOT = "[Y]"
 
@@ -23,10 +25,6 @@ OBJECT_SLOT = "[Y]"
 HARD = -1  # special tokens (CLS/SEP/BOS/EOS) and anything that keeps its frozen embedding
 SUBJECT = -2
 MASK = -3
-
-
-class TemplateError(ValueError):
-    """A template that cannot be used as a cloze query."""
 
 
 @dataclass(frozen=True)

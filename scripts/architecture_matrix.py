@@ -21,12 +21,11 @@ from transformers import AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
+# the tiny models and the end-to-end check are test helpers (tests/factories.py, tests/architecture_check.py)
 sys.path.insert(0, str(ROOT / "tests"))
 
+from architecture_check import PADDING_SENSITIVE, ArchitectureCheck, check_architecture  # noqa: E402
 from factories import TOKENIZER_FAMILY, build_tokenizers, special_token_ids, tiny_config, tiny_model  # noqa: E402
-
-import peft_softmix  # noqa: E402,F401  (registers the method with PEFT)
-from peft_softmix.architectures import PADDING_SENSITIVE, ArchitectureCheck, check_architecture  # noqa: E402
 
 
 def model_factory(model_type: str, tokenizer_path: str):

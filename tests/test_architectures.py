@@ -1,6 +1,6 @@
 """Every masked-LM type in transformers, end to end: a tiny random model of each, shallow and deep.
 
-The check itself lives in `peft_softmix.architectures.check_architecture` (the same one that writes
+The check itself lives in `architecture_check.check_architecture` (a test helper, the same one that writes
 docs/supported-architectures.md); these tests run it for every type and hold it to the support tables.
 """
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from architecture_check import PADDING_SENSITIVE, check_architecture
 from factories import (
     BPE,
     TOKENIZER_FAMILY,
@@ -26,15 +27,8 @@ from transformers import AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 import peft_softmix  # noqa: F401  (registers the method with PEFT)
-from peft_softmix import SoftMixtureConfig
-from peft_softmix.architectures import (
-    DEEP_UNSUPPORTED,
-    PADDING_SENSITIVE,
-    UNSUPPORTED,
-    UnsupportedArchitectureError,
-    check_architecture,
-    unsupported_reason,
-)
+from peft_softmix import SoftMixtureConfig, UnsupportedArchitectureError
+from peft_softmix.architectures import DEEP_UNSUPPORTED, UNSUPPORTED, unsupported_reason
 
 ALL_TYPES = sorted(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 

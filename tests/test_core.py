@@ -396,16 +396,16 @@ def test_template_words_that_tokenise_with_the_subject_keep_their_hard_embedding
 
 
 def test_encode_reuses_the_queries_that_query_lengths_tokenised(base, tiny_dir, monkeypatch):
-    import peft_softmix.peft_model as peft_model_module
+    import peft_softmix.processing as processing_module
 
     calls = []
-    real = peft_model_module.encode_query
+    real = processing_module.encode_query
 
     def counting(tokenizer, layout, subject):
         calls.append((layout.template, subject))
         return real(tokenizer, layout, subject)
 
-    monkeypatch.setattr(peft_model_module, "encode_query", counting)
+    monkeypatch.setattr(processing_module, "encode_query", counting)
     pm = make(base)
     calls.clear()  # setting the adapter up tokenises a probe query
     lengths = pm.query_lengths(SUBJECTS)

@@ -363,7 +363,7 @@ def test_failed_save_keeps_the_previous_adapter(files, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         model.save_pretrained(target)
     assert {name: (target / name).read_bytes() for name in os.listdir(target)} == before
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".softmix-save-")]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no staging folder left beside it
     loaded = PeftModel.from_pretrained(load_base(files.base), target)
     assert torch.equal(loaded.prompt_encoder["default"].soft_words, files.tensors["soft_words"])
 
@@ -504,7 +504,7 @@ def test_hub_adapter_without_safetensors_is_refused_before_any_pickle(files, mon
     stops the load (the Hub is mocked: the tests run offline)."""
     from huggingface_hub.errors import EntryNotFoundError
 
-    import peft_softmix.peft_model as softmix_peft_model
+    import peft_softmix.serialization as softmix_serialization
 
     asked = []
 
@@ -515,7 +515,7 @@ def test_hub_adapter_without_safetensors_is_refused_before_any_pickle(files, mon
     def no_pickle(*args, **kwargs):
         raise AssertionError("torch.load was called on an adapter file")
 
-    monkeypatch.setattr(softmix_peft_model, "hf_hub_download", no_such_file)
+    monkeypatch.setattr(softmix_serialization, "hf_hub_download", no_such_file)
     monkeypatch.setattr(peft.utils.save_and_load, "torch_load", no_pickle)
     with pytest.raises(AdapterLoadError, match="never from a pickled adapter_model.bin") as caught:
         PeftModelForSoftMixture.from_pretrained(load_base(files.base), "someone/softmix-adapter")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from peft_softmix.layers import SoftPositions, deep_prompt_hooks
+from peft_softmix.hooks import SoftPositions, deep_prompt_hooks
 from peft_softmix.peft_model import mix_templates
 
 # two rows of five tokens: soft words 0, 1 in row 0 (positions 1, 4), soft word 2 in row 1 (position 0)

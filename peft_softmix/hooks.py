@@ -1,9 +1,10 @@
-"""Finding a masked LM's input embeddings, layer stack and backbone, and the forward-time hooks that use them.
+"""The forward hooks that put a mixture of soft prompts into a frozen masked LM, for one forward call at a time.
 
-Nothing here is architecture-specific (the few exceptions live in `architectures.py`): the layer stack is the
-`nn.ModuleList` of identical blocks holding the most parameters, and its depth is measured by counting calls in one
-tiny forward pass, so models that run one shared block many times (ALBERT) get one offset per *call*. The hooks
-exist only inside a forward call.
+`soft_word_embeddings` swaps soft words into the token embedding table's output, `deep_prompt_hooks` adds deep
+offsets before each layer call, `gather_mask_positions` makes the backbone hand the MLM head the mask positions only,
+and `count_layer_calls` measures the layer stack's depth in calls (so a model that runs one shared block many times,
+ALBERT, gets one offset per *call*). Nothing here is architecture-specific: `architectures.py` finds the modules the
+hooks go on. Every hook is removed when its ``with`` block ends, even when the forward inside it raises.
 """
 
 from __future__ import annotations
@@ -18,59 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers.utils import ModelOutput
-
-
-def find_layer_stack(model: nn.Module) -> list[nn.Module]:
-    """The blocks of the largest `nn.ModuleList` of same-class modules (the transformer layers)."""
-    best: list[nn.Module] = []
-    best_params = -1
-    for module in model.modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if len({type(child) for child in module}) != 1:
-            continue
-        n_params = sum(p.numel() for p in module.parameters())
-        if n_params > best_params:
-            best, best_params = list(module), n_params
-    return best
-
-
-def find_input_embeddings(model: nn.Module) -> nn.Module | None:
-    """The token embedding table: ``get_input_embeddings()``, else the embedding as wide as the vocabulary.
-
-    Any module with a ``[vocab, width]`` ``weight`` qualifies (I-BERT's `QuantEmbedding` is no `nn.Embedding`).
-    """
-    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    getter = getattr(model, "get_input_embeddings", None)
-    embeddings = getter() if callable(getter) else None
-    if isinstance(embeddings, nn.Module) and _is_table(embeddings, vocab_size):
-        return embeddings
-    for module in model.modules():
-        if isinstance(module, nn.Embedding) and module.num_embeddings == vocab_size:
-            return module
-    return None
-
-
-def _is_table(module: nn.Module, vocab_size: int | None) -> bool:
-    weight = getattr(module, "weight", None)
-    if isinstance(module, nn.Embedding):
-        return True
-    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == vocab_size
-
-
-def tied_embedding_modules(model: nn.Module, embeddings: nn.Module) -> list[nn.Module]:
-    """Every module that looks tokens up in ``embeddings``'s table: seq2seq models keep one module per stack."""
-    weight = embeddings.weight
-    # _parameters, not getattr: a missing attribute costs an exception per module, and this runs every forward
-    tied = [m for m in model.modules() if m is not embeddings and m._parameters.get("weight") is weight]
-    return [embeddings, *(m for m in tied if not isinstance(m, nn.Linear))]
-
-
-def find_backbone(model: nn.Module) -> nn.Module | None:
-    """The encoder whose first output is the last hidden state that the MLM head reads."""
-    prefix = getattr(model, "base_model_prefix", "")
-    backbone = getattr(model, prefix, None) if prefix else None
-    return backbone if isinstance(backbone, nn.Module) and backbone is not model else None
 
 
 def _hidden_from_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, str | int | None]:

@@ -1,0 +1,39 @@
+"""Every error peft_softmix raises on purpose, in one place (all are `ValueError`s: bad input, never a bug).
+
+Each is raised with a message that names the problem (the file and line, the template, the model type) and the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterLoadError",
+    "DataFormatError",
+    "QueryTooLongError",
+    "TemplateError",
+    "TemplateSetError",
+    "UnsupportedArchitectureError",
+]
+
+
+class AdapterLoadError(ValueError):
+    """An adapter file that cannot be read, or does not fit the adapter or base model it is loaded into."""
+
+
+class QueryTooLongError(ValueError):
+    """A filled template has more tokens than the base model has positions."""
+
+
+class TemplateError(ValueError):
+    """A template that cannot be used as a cloze query."""
+
+
+class UnsupportedArchitectureError(ValueError):
+    """A base model whose architecture cannot take a mixture of soft prompts (or deep prompts)."""
+
+
+class TemplateSetError(ValueError):
+    """A template source that is unknown, lacks the relation, or has no usable template for it."""
+
+
+class DataFormatError(ValueError):
+    """A data file that cannot be read as facts; the message names the file, the line and the problem."""
