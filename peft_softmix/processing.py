@@ -113,10 +113,12 @@ class SoftMixtureProcessor:
 
     @property
     def templates(self) -> list[str]:
+        """The adapter's templates, in order."""
         return [layout.template for layout in self.layouts]
 
     @property
     def num_templates(self) -> int:
+        """K, the number of templates."""
         return len(self.layouts)
 
     @property
