@@ -60,8 +60,10 @@ def test_processor_caches_stay_bounded_and_evicted_queries_come_back_identical(t
 
 def test_model_delegates_to_the_active_adapters_processor(base):
     pm = make(base)
-    other = SoftMixtureConfig(templates=["the capital of [X] is [Y]"], tokenizer_name_or_path=pm.tokenizer.name_or_path)
-    pm.add_adapter("other", other)
+    tokenizer_path = pm.tokenizer.name_or_path
+    pm.add_adapter(
+        "other", SoftMixtureConfig(templates=["the capital of [X] is [Y]"], tokenizer_name_or_path=tokenizer_path)
+    )
     assert isinstance(pm.processor, SoftMixtureProcessor) and pm.processor is pm.get_processor("default")
     assert pm.get_processor("other").templates == ["the capital of [X] is [Y]"]
     assert pm.tokenizer is pm.processor.tokenizer
