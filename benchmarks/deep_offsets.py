@@ -1,10 +1,12 @@
 """Two ways to add deep-prompt offsets, timed against each other and the bare model in one process.
 
-- ``canvas`` (what `peft_softmix.layers.deep_prompt_hooks` does): every layer's offsets are laid out on the batch
-  once per forward, ``[L, N*T, H]``, so that each layer call costs one dense add; the layout lives for the forward
-  pass and its gradient for the backward pass.
+- ``canvas`` (the library's design, `peft_softmix.hooks.deep_prompt_hooks`): every layer's offsets are laid out
+  on the batch once per forward, ``[L, N*T, H]``, so that each layer call costs one dense add; the layout lives for
+  the forward pass and its gradient for the backward pass.
 - ``rows``: each layer call adds its offsets at the P template positions with an out-of-place ``index_add``: no
-  layout, but two more operations per layer forward and one backward.
+  layout, but two more operations per layer forward and one backward. Timed as the shallow adapter's forward with
+  this script's own hooks on the model's public `transformer_layers` adding the deep adapter's offsets: the same
+  soft words, offsets and parameters to update as the library's deep step, through public API only.
 
 The GPU step at K = 1 is launch-bound (host time per operation is what counts), at K >= 5 it is compute-bound; the
 memory case shows what the layout costs. Steps are timed one at a time, round-robin over the cases, and the ratio
@@ -66,13 +68,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sys.path.insert(0, str(HERE))
     speed = importlib.import_module("speed")
 
-    import peft_softmix.peft_model as peft_model
+    from peft_softmix.hooks import SoftPositions
 
     device = torch.device(args.device)
     preset = args.preset or ("bert-base" if device.type == "cuda" else "tiny")
     data_dir = Path(args.data_dir) if args.data_dir else speed.DEFAULT_DATA_DIR
-    library_hooks = peft_model.deep_prompt_hooks
-    designs = {"canvas": library_hooks, "rows": rows_hooks}
     base = speed.random_mlm(preset, device)
     print(f"device {device}, preset {preset}", flush=True)
 
@@ -89,39 +89,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         case's adapter and design, ``step`` is one training step.
         """
         pm, batches, optimizers = speed.shallow_and_deep(base, data_dir, preset, k, device)
+        deep = pm.prompt_encoder["deep"]
         # the offsets start at zero; give them values so that the designs' agreement below means something
         with torch.no_grad():
-            pm.prompt_encoder["deep"].deep_offsets.normal_(0, 1.0)
+            deep.deep_offsets.normal_(0, 1.0)
+        batch = batches["shallow"]  # the same queries as batches["deep"]: both adapters have the same templates
+        B, K, T = batch["input_ids"].shape
+        positions = SoftPositions.of(batch["roles"].reshape(B * K, T))
+        # rows: the shallow adapter's soft words (equal to the deep adapter's: both start at the template's
+        # embeddings), the deep adapter's offsets added by this script's hooks; one optimizer over both
+        rows_params = [p for p in pm.prompt_encoder["shallow"].parameters() if p.requires_grad] + [deep.deep_offsets]
+        rows_optimizer = torch.optim.Adam(rows_params, lr=1e-3, fused=device.type == "cuda")
+
+        def canvas_forward(**kwargs: Any) -> Any:
+            return pm(**batches["deep"], **kwargs)
+
+        def rows_forward(**kwargs: Any) -> Any:
+            with rows_hooks(pm.transformer_layers, deep.deep_offsets, positions):
+                return pm(**batch, **kwargs)
+
         log_probs = {}
         pm.eval()  # no dropout, so that both designs see the same network
-        for design, hooks in designs.items():
-            peft_model.deep_prompt_hooks = hooks
+        for design, (adapter, forward) in {
+            "canvas": ("deep", canvas_forward),
+            "rows": ("shallow", rows_forward),
+        }.items():
+            pm.set_adapter(adapter)
             with torch.no_grad():
-                log_probs[design] = pm(**batches["deep"]).log_probs
-        peft_model.deep_prompt_hooks = library_hooks
+                log_probs[design] = forward().log_probs
         pm.train()
         diff = (log_probs["canvas"] - log_probs["rows"]).abs().max().item()
         if diff > 1e-4:
             raise RuntimeError(f"The two designs disagree: log-probabilities differ by up to {diff}")
 
-        B, K, T = batches["shallow"]["input_ids"].shape
-
-        def mixture(name: str, hooks: Any = library_hooks) -> Case:
+        def mixture(adapter: str, forward: Callable[..., Any], optimizer: torch.optim.Optimizer) -> Case:
             def prepare() -> None:
-                pm.set_adapter(name)
-                peft_model.deep_prompt_hooks = hooks
+                pm.set_adapter(adapter)
 
             def step() -> None:
-                pm(**batches[name], return_log_probs=False).loss.backward()
-                optimizers[name].step()
-                optimizers[name].zero_grad(set_to_none=True)
+                forward(return_log_probs=False).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
             return prepare, step
 
         print(f"K={k}: {B * K} rows x {T} tokens; canvas and rows agree to {diff:.1e} with random offsets")
-        cases = {"bare": (lambda: None, speed.bare_step(pm, batches["shallow"])), "shallow": mixture("shallow")}
-        cases.update({f"deep_{design}": mixture("deep", hooks) for design, hooks in designs.items()})
-        return cases
+        return {
+            "bare": (lambda: None, speed.bare_step(pm, batch)),
+            "shallow": mixture("shallow", lambda **kw: pm(**batch, **kw), optimizers["shallow"]),
+            "deep_canvas": mixture("deep", canvas_forward, optimizers["deep"]),
+            "deep_rows": mixture("shallow", rows_forward, rows_optimizer),
+        }
 
     summary: dict[str, Any] = {}
     for i, k in enumerate(args.ks):
@@ -163,7 +181,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             peak = (torch.cuda.max_memory_allocated() - before) / 2**20
             print(f"  {name:14s} {peak:8.1f} MiB")
             summary[f"k{args.memory_k}_{name}_peak_mib"] = round(peak, 1)
-    peft_model.deep_prompt_hooks = library_hooks
     return summary
 
 

@@ -62,12 +62,8 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertTokeniz
 
 import peft_softmix  # noqa: E402  (registers SOFT_MIXTURE with PEFT)
 from peft_softmix import PeftModelForSoftMixture, SoftMixtureConfig, SoftMixtureModel  # noqa: E402
-from peft_softmix.layers import (  # noqa: E402
-    SoftPositions,
-    deep_prompt_hooks,
-    find_backbone,
-    gather_mask_positions,
-)
+from peft_softmix.architectures import find_backbone  # noqa: E402
+from peft_softmix.hooks import SoftPositions, deep_prompt_hooks, gather_mask_positions  # noqa: E402
 from peft_softmix.peft_model import mix_templates  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -375,7 +371,7 @@ class Bench:
         embedding_table = cast(torch.nn.Embedding, pm.word_embeddings)
         pm.train()
         self.train_pm = pm
-        print(f"mask-only LM head available (pm._gather_ok): {pm._gather_ok}", flush=True)
+        print(f"mask-only LM head available (pm.mask_only_head): {pm.mask_only_head}", flush=True)
 
         batches: dict[str, dict[str, torch.Tensor]] = {}
         cases: list[Case] = []
@@ -403,11 +399,11 @@ class Bench:
             batch: dict[str, torch.Tensor] | None = None,
         ) -> Case:
             batch, optimizer = batch or batches[name], optimizers[name]
-            gather_ok = pm._gather_ok and gather
+            gather_ok = pm.mask_only_head and gather
 
             def setup() -> None:
                 pm.set_adapter(name)
-                pm._gather_ok = gather_ok
+                pm.mask_only_head = gather_ok
                 pm.train()
                 if not dropout:
                     base.eval()  # the frozen model without dropout; the adapter still trains
@@ -457,13 +453,15 @@ class Bench:
                     embeds = encoder(embedding_table(piece["input_ids"]), positions)
                     with contextlib.ExitStack() as stack:
                         if encoder.deep_offsets is not None:
-                            stack.enter_context(deep_prompt_hooks(pm._layers, encoder.deep_offsets, positions))
-                        if pm._gather_ok:
+                            stack.enter_context(
+                                deep_prompt_hooks(pm.transformer_layers, encoder.deep_offsets, positions)
+                            )
+                        if gather_default:
                             stack.enter_context(gather_mask_positions(backbone, piece["mask_positions"]))
                         logits = base(inputs_embeds=embeds, attention_mask=piece["attention_mask"]).logits
                     logits = (
                         logits[:, 0]
-                        if pm._gather_ok
+                        if gather_default
                         else logits[torch.arange(B, device=device), piece["mask_positions"]]
                     )
                     per_template.append(torch.log_softmax(logits.float(), -1))
@@ -530,7 +528,7 @@ class Bench:
                 {"num_virtual_tokens": n_virtual},
             )
 
-        gather_default = pm._gather_ok
+        gather_default = pm.mask_only_head
         for k in ks:
             cases.append(bare_case(f"k{k}_shallow"))
             cases.append(mixture_case(f"k{k}_shallow"))
@@ -619,7 +617,7 @@ class Bench:
         vocab_size = cast(torch.nn.Embedding, pm.word_embeddings).num_embeddings
         candidates = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         candidates[torch.tensor([i for i in ids if i != tokenizer.unk_token_id], device=device)] = True
-        gather_default = pm._gather_ok
+        gather_default = pm.mask_only_head
         size = args.eval_batch_facts
 
         order_plain = list(range(len(facts)))
@@ -659,7 +657,7 @@ class Bench:
             def setup() -> None:
                 pm.set_adapter(name)
                 pm.eval()
-                pm._gather_ok = gather_default and gather
+                pm.mask_only_head = gather_default and gather
 
             return Case(f"eval_{label}", lambda: evaluate(**kwargs), len(facts), 0, setup, {"K": args.eval_k})
 
@@ -677,7 +675,7 @@ class Bench:
 
         def query_setup() -> None:
             pm.set_adapter(name)
-            pm._gather_ok = gather_default
+            pm.mask_only_head = gather_default
 
         cases.append(
             Case(
