@@ -60,11 +60,12 @@ sys.path.insert(0, str(REPO_ROOT))
 from peft import PromptTuningConfig, TaskType, get_peft_model  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizerFast  # type: ignore[attr-defined]  # noqa: E402
 
-import peft_softmix  # noqa: E402  (registers SOFT_MIXTURE with PEFT)
+import peft_softmix  # noqa: E402, F401  (registers SOFT_MIXTURE with PEFT)
 from peft_softmix import PeftModelForSoftMixture, SoftMixtureConfig, SoftMixtureModel  # noqa: E402
 from peft_softmix.architectures import find_backbone  # noqa: E402
 from peft_softmix.hooks import SoftPositions, deep_prompt_hooks, gather_mask_positions  # noqa: E402
 from peft_softmix.peft_model import mix_templates  # noqa: E402
+from peft_softmix.tokenization import object_token_id  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_PROBE_LM = REPO_ROOT / "examples" / "probe_lm"
@@ -157,7 +158,7 @@ def shallow_and_deep(
     )
     tokenizer_dir = build_tokenizer(texts, PRESETS[preset][4], Path(tempfile.mkdtemp()) / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    facts = [f for f in facts if peft_softmix.object_token_id(tokenizer, f[1]) is not None][:32]
+    facts = [f for f in facts if object_token_id(tokenizer, f[1]) is not None][:32]
     pm: Any = None
     for name, deep in (("shallow", False), ("deep", True)):
         config = SoftMixtureConfig(templates=templates, tokenizer_name_or_path=str(tokenizer_dir), deep=deep)
@@ -344,7 +345,7 @@ class Bench:
         objects = [o for _, o in facts]
         tokenizer = AutoTokenizer.from_pretrained(self.train_tokenizer_dir)
         # objects the tokenizer keeps whole, so that every fact in the batch has a label
-        single = [f for f in facts if peft_softmix.object_token_id(tokenizer, f[1]) is not None]
+        single = [f for f in facts if object_token_id(tokenizer, f[1]) is not None]
         batch_facts = (single or facts)[: args.batch_facts]
         subjects = [s for s, _ in batch_facts]
         objects = [o for _, o in batch_facts]

@@ -142,7 +142,8 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         self.prompt_tokens[adapter_name] = torch.arange(config.num_virtual_tokens)
         self._processors[adapter_name] = processor
         self._layers: list[nn.Module] = probe.layers if probe.layers is not None else getattr(self, "_layers", [])
-        self._gather_ok = probe.gather_ok
+        # what the probe proved, and what the forward does (a benchmark may switch the mask-only head off)
+        self._gather_exact = self._gather_ok = probe.gather_ok
 
     def _probe(
         self, base: nn.Module, tokenizer: PreTrainedTokenizerBase, layout: TemplateLayout, want_layers: bool
@@ -180,8 +181,21 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
     @property
     def mask_only_head(self) -> bool:
         """Whether the forward runs the LM head at the mask positions only (a probe forward proved it exact for
-        this architecture); otherwise it computes the full logits and picks the mask positions."""
+        this architecture); otherwise it computes the full logits and picks the mask positions.
+
+        Set it to False to run the full head (the answers are the same, only slower: a lever for benchmarks);
+        True is accepted only where the probe proved the mask-only head exact.
+        """
         return bool(self._gather_ok)
+
+    @mask_only_head.setter
+    def mask_only_head(self, value: bool) -> None:
+        if value and not self._gather_exact:
+            raise ValueError(
+                f"The mask-only LM head is not exact for {type(self.base_model).__name__} (the probe forward found "
+                "other logits than the full head's), so it cannot be switched on; the full head is used."
+            )
+        self._gather_ok = bool(value)
 
     # -- inputs: the active adapter's processor ---------------------------------------------------------------
 

@@ -81,9 +81,19 @@ def test_model_delegates_to_the_active_adapters_processor(base):
 def test_public_levers_report_the_layers_and_the_head(base):
     shallow = make(base)
     assert shallow.transformer_layers == [] and shallow.mask_only_head is True
-    with pytest.raises(AttributeError):
-        shallow.mask_only_head = False  # read-only
+    batch = shallow.encode(SUBJECTS, OBJECTS)
+    with torch.no_grad():
+        gathered = shallow(**batch)
+        shallow.mask_only_head = False  # the full head: same answers, only slower
+        full = shallow(**batch)
+    assert shallow.mask_only_head is False
+    torch.testing.assert_close(full.log_probs, gathered.log_probs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full.loss, gathered.loss, atol=1e-5, rtol=1e-5)
+    shallow.mask_only_head = True
     assert shallow.mask_only_head is True
+    shallow._gather_exact = False  # as for an architecture whose probe found the mask-only head inexact
+    with pytest.raises(ValueError, match="not exact"):
+        shallow.mask_only_head = True
 
     deep = make(type(base)(base.config), deep=True)
     layers = deep.transformer_layers
