@@ -103,6 +103,14 @@ class SoftMixtureConfig(PromptLearningConfig):
             )
         for template in self.templates:
             validate_template(template)
+        repeated = next((t for i, t in enumerate(self.templates) if t in self.templates[:i]), None)
+        if repeated is not None:
+            where = [i for i, t in enumerate(self.templates) if t == repeated]
+            raise ValueError(
+                f"templates lists {repeated!r} more than once (at positions {where}): a repeat only doubles that "
+                "template's starting weight. Give each template once (template_weights "
+                "sets starting weights)."
+            )
         try:
             self.init = SoftMixtureInit(self.init)
         except ValueError:
@@ -186,6 +194,8 @@ class SoftMixtureConfig(PromptLearningConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         source = os.path.join(folder, CONFIG_NAME)
+        # the user's consent to a tokenizer the file names (`PeftModel.from_pretrained(..., tokenizer=...)`)
+        consent = kwargs.pop("tokenizer", None)
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         except AdapterLoadError:
@@ -194,4 +204,5 @@ class SoftMixtureConfig(PromptLearningConfig):
             raise AdapterLoadError(f"{source}: {err}") from err
         # lets the checks against the base model and tokenizer name the file (not a field: never saved)
         config._source_file = source
+        config._tokenizer_consent = consent
         return config

@@ -18,11 +18,13 @@ from peft import PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
 from .architectures import check_supported, input_embeddings, layer_stack, max_query_length
 from .config import SoftMixtureConfig
+from .inputs import candidate_mask as checked_candidate_mask
+from .inputs import check_objects, check_query_options, check_subjects
 from .layers import (
     SoftPositions,
     count_layer_calls,
@@ -34,6 +36,7 @@ from .layers import (
 )
 from .model import AdapterLoadError, SoftMixtureModel
 from .tokenization import EncodedQuery, TemplateLayout, encode_query, object_token_id, template_layout
+from .trust import base_model_name, load_tokenizer, tokenizer_consent
 
 IGNORE_INDEX = -100
 
@@ -166,21 +169,8 @@ class PeftModelForSoftMixture(PeftModel):
         self._gather_ok = probe["gather_ok"]
 
     def _load_tokenizer(self, config: SoftMixtureConfig) -> PreTrainedTokenizerBase:
-        name = config.tokenizer_name_or_path or config.base_model_name_or_path
-        if not name:
-            raise ValueError(
-                "SoftMixtureConfig needs tokenizer_name_or_path (the base model's tokenizer) when the base model was "
-                "not loaded with from_pretrained."
-            )
-        kwargs = dict(config.tokenizer_kwargs or {})
-        kwargs.pop("trust_remote_code", None)  # an adapter file must not be able to run code
-        try:
-            return AutoTokenizer.from_pretrained(name, **kwargs)
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"Cannot load the tokenizer {name!r} ({err}). Set tokenizer_name_or_path (in adapter_config.json for "
-                "a saved adapter) to the base model's tokenizer folder or Hub id."
-            ) from err
+        # never runs code; a loaded adapter gets its base model's tokenizer unless the user passed tokenizer=
+        return load_tokenizer(config, base_model_name(self.base_model))
 
     def _check_compatible(self, config, tokenizer, token_ids, embeddings: nn.Embedding) -> None:
         model_name = type(self.base_model).__name__
@@ -285,6 +275,8 @@ class PeftModelForSoftMixture(PeftModel):
         `HARD`, `SUBJECT`, `MASK`) elsewhere. ``labels[b]`` is the object's token id, or -100 when it is not one
         token (or not given).
         """
+        check_subjects(subjects, "encode")
+        check_objects(subjects, objects, "encode")
         runtime = self._softmix_runtime[self.active_adapter]
         tokenizer = runtime.tokenizer
         queries: list[EncodedQuery] = []
@@ -335,6 +327,7 @@ class PeftModelForSoftMixture(PeftModel):
 
     def query_lengths(self, subjects: Sequence[str]) -> list[int]:
         """For each subject, the token count of its longest filled template (compare with `max_query_length`)."""
+        check_subjects(subjects, "query_lengths", allow_empty=True)
         runtime = self._softmix_runtime[self.active_adapter]
         lengths = []
         for subject in subjects:
@@ -457,17 +450,17 @@ class PeftModelForSoftMixture(PeftModel):
         """The top-k fillers of ``[Y]`` for each subject, with their mixture probabilities.
 
         Returns one dict per subject: ``{"subject", "predictions": [(token, prob), ...]}`` and, with
-        ``return_template_probs``, ``"templates": [{"template", "weight", "predictions"}, ...]``.
+        ``return_template_probs``, ``"templates": [{"template", "weight", "predictions"}, ...]``. ``subjects`` is a
+        list (a bare string is refused); ``top_k`` and ``batch_size`` are >= 1; ``candidate_ids`` are token ids.
         """
+        check_subjects(subjects, "query", allow_empty=True)
+        check_query_options(top_k, batch_size)
+        device = self.embedding_device
+        candidate_mask = checked_candidate_mask(candidate_ids, self._vocab_size, device)
         was_training = self.training
         self.eval()
         tokenizer = self.tokenizer
         runtime = self._softmix_runtime[self.active_adapter]
-        device = self.embedding_device
-        candidate_mask = None
-        if candidate_ids is not None:
-            candidate_mask = torch.zeros(self._vocab_size, dtype=torch.bool, device=device)
-            candidate_mask[torch.as_tensor(list(candidate_ids), device=device)] = True
 
         def top(log_probs: torch.Tensor) -> list[tuple[str, float]]:
             values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]))
@@ -549,6 +542,8 @@ class PeftModelForSoftMixture(PeftModel):
             )
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory.")
+        for name in kwargs.get("selected_adapters") or list(self.peft_config):
+            self._encoder(name).check_savable(name)  # never write a file the loader would refuse
         parent = os.path.dirname(os.path.abspath(save_directory))
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".softmix-save-", dir=parent)
@@ -566,7 +561,12 @@ class PeftModelForSoftMixture(PeftModel):
     def load_adapter(  # type: ignore[override]
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, *args: Any, **kwargs: Any
     ):
-        """Like `PeftModel.load_adapter`; ``is_trainable=True`` loads the adapter ready to train further."""
+        """Like `PeftModel.load_adapter`; ``is_trainable=True`` loads the adapter ready to train further.
+
+        ``tokenizer=`` (a name, folder or tokenizer object) is the user's consent to a tokenizer other than the
+        base model's, which the adapter's config may name but not choose (see peft_softmix.trust).
+        """
+        consent = kwargs.pop("tokenizer", None)
         folder = os.fspath(model_id)
         if kwargs.get("subfolder"):
             folder = os.path.join(folder, kwargs["subfolder"])
@@ -575,7 +575,8 @@ class PeftModelForSoftMixture(PeftModel):
         added = adapter_name not in self.peft_config
         try:
             # PEFT refuses is_trainable for prompt-learning methods; ours resumes fine, so it is applied after loading
-            result = super().load_adapter(model_id, adapter_name, False, *args, **kwargs)
+            with tokenizer_consent(consent):
+                result = super().load_adapter(model_id, adapter_name, False, *args, **kwargs)
         except Exception as err:
             if added:  # never leave behind an adapter whose weights did not load
                 self._forget_adapter(adapter_name)
@@ -618,10 +619,15 @@ class PeftModelForSoftMixture(PeftModel):
     def from_pretrained(  # type: ignore[override]
         cls, model, model_id, adapter_name: str = "default", is_trainable: bool = False, **kwargs
     ):
-        """Like `PeftModel.from_pretrained`, and ``is_trainable=True`` resumes training the adapter."""
+        """Like `PeftModel.from_pretrained`, and ``is_trainable=True`` resumes training the adapter.
+
+        ``tokenizer=`` (a name, folder or tokenizer object) is the user's consent to a tokenizer other than the
+        base model's, which the adapter's config may name but not choose (see peft_softmix.trust).
+        """
         folder = os.path.join(model_id, kwargs["subfolder"]) if kwargs.get("subfolder") else os.fspath(model_id)
         _check_adapter_files(os.fspath(model_id), folder, read_config=kwargs.get("config") is None, **kwargs)
-        peft_model = super().from_pretrained(model, model_id, adapter_name, is_trainable=False, **kwargs)
+        with tokenizer_consent(kwargs.pop("tokenizer", None)):
+            peft_model = super().from_pretrained(model, model_id, adapter_name, is_trainable=False, **kwargs)
         if is_trainable:
             peft_model._make_trainable(adapter_name)
         return peft_model
