@@ -40,9 +40,11 @@ class SoftMixtureConfig(PromptLearningConfig):
             LAMA-style templates: `[X]` is the subject slot, `[Y]` the object slot (it becomes the mask token), every
             other word becomes a soft word, in its place in the template.
         tokenizer_name_or_path (`str`, *optional*):
-            The base model's tokenizer. Defaults to the base model's own name or path.
+            The base model's tokenizer. Defaults to the base model's own name or path. A saved adapter that names
+            another tokenizer than its base model's loads only with the user's consent (`tokenizer=` when loading).
         tokenizer_kwargs (`dict`, *optional*):
-            Keyword arguments for `AutoTokenizer.from_pretrained`.
+            Options for `AutoTokenizer.from_pretrained`, from a short harmless list (`use_fast`, `do_lower_case`,
+            `strip_accents`, `add_prefix_space`, `model_max_length`); see `peft_softmix.trust`.
         init (`str`):
             `"template"` starts every soft word at its token's embedding (the hard prompt), `"random"` draws it from
             the embedding table's mean and spread, in the same layout.
@@ -64,7 +66,7 @@ class SoftMixtureConfig(PromptLearningConfig):
         default=None, metadata={"help": "The base model's tokenizer (defaults to the base model's name or path)."}
     )
     tokenizer_kwargs: dict | None = field(
-        default=None, metadata={"help": "Keyword arguments passed to `AutoTokenizer.from_pretrained`."}
+        default=None, metadata={"help": "Options for `AutoTokenizer.from_pretrained` (use_fast, do_lower_case, ...)."}
     )
     init: SoftMixtureInit | str = field(
         default=SoftMixtureInit.TEMPLATE,
