@@ -65,9 +65,11 @@ class SoftMixtureConfig(PromptLearningConfig):
             LAMA-style templates: `[X]` is the subject slot, `[Y]` the object slot (it becomes the mask token), every
             other word becomes a soft word, in its place in the template.
         tokenizer_name_or_path (`str`, *optional*):
-            The base model's tokenizer. Defaults to the base model's own name or path.
+            The base model's tokenizer. Defaults to the base model's own name or path. A saved adapter that names
+            another tokenizer than its base model's loads only with the user's consent (`tokenizer=` when loading).
         tokenizer_kwargs (`dict`, *optional*):
-            Keyword arguments for `AutoTokenizer.from_pretrained`.
+            Options for `AutoTokenizer.from_pretrained`, from a short harmless list (`use_fast`, `do_lower_case`,
+            `strip_accents`, `add_prefix_space`, `model_max_length`); see `peft_softmix.trust`.
         init (`str`):
             `"template"` starts every soft word at its token's embedding (the hard prompt), `"random"` draws it from
             the embedding table's mean and spread, in the same layout.
@@ -89,7 +91,7 @@ class SoftMixtureConfig(PromptLearningConfig):
         default=None, metadata={"help": "The base model's tokenizer (defaults to the base model's name or path)."}
     )
     tokenizer_kwargs: dict | None = field(
-        default=None, metadata={"help": "Keyword arguments passed to `AutoTokenizer.from_pretrained`."}
+        default=None, metadata={"help": "Options for `AutoTokenizer.from_pretrained` (use_fast, do_lower_case, ...)."}
     )
     init: SoftMixtureInit | str = field(
         default=SoftMixtureInit.TEMPLATE,
@@ -128,6 +130,14 @@ class SoftMixtureConfig(PromptLearningConfig):
             )
         for template in self.templates:
             validate_template(template)
+        repeated = next((t for i, t in enumerate(self.templates) if t in self.templates[:i]), None)
+        if repeated is not None:
+            where = [i for i, t in enumerate(self.templates) if t == repeated]
+            raise ValueError(
+                f"templates lists {repeated!r} more than once (at positions {where}): a repeat only doubles that "
+                "template's starting weight. Give each template once (template_weights "
+                "sets starting weights)."
+            )
         try:
             self.init = SoftMixtureInit(self.init)
         except ValueError:
@@ -198,8 +208,11 @@ class SoftMixtureConfig(PromptLearningConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         source = os.path.join(folder, CONFIG_NAME)
+        # the user's consent to a tokenizer the file names (`PeftModel.from_pretrained(..., tokenizer=...)`)
+        consent = kwargs.pop("tokenizer", None)
         with naming_config_file(source):
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         # lets the checks against the base model and tokenizer name the file (not a field: never saved)
         config._source_file = source
+        config._tokenizer_consent = consent
         return config

@@ -107,6 +107,27 @@ class FactSplit:
         return [f.object for f in self.facts]
 
 
+_BOM = "\ufeff"
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The lines of a UTF-8 text file, numbered from 1; a leading byte-order mark (spreadsheet exports) is dropped.
+
+    Raises:
+        DataFormatError: a line that is not UTF-8, naming the file, the line and the byte.
+    """
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(
+                    f"{path}, line {lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}). "
+                    "Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+                ) from None
+            yield lineno, line[1:] if lineno == 1 and line.startswith(_BOM) else line
+
+
 def read_json_object(path: Path, lineno: int, line: str) -> dict:
     """One jsonl line as a JSON object; `DataFormatError` naming the file and line otherwise."""
     where = f"{path}, line {lineno}"
@@ -166,23 +187,22 @@ def load_facts(path: str | Path, relation: str | None = None, keep_duplicates: b
     report = LoadReport(path=path, duplicates_kept=keep_duplicates)
     facts: list[Fact] = []
     seen: set[tuple[str, str]] = set()
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                report.blank += 1
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            report.blank += 1
+            continue
+        report.lines += 1
+        fact = _parse_line(path, lineno, line, relation)
+        if not fact.subject.strip() or not fact.object.strip():
+            report.empty += 1
+            continue
+        key = (fact.subject, fact.object)
+        if key in seen:
+            report.duplicates += 1
+            if not keep_duplicates:
                 continue
-            report.lines += 1
-            fact = _parse_line(path, lineno, line, relation)
-            if not fact.subject.strip() or not fact.object.strip():
-                report.empty += 1
-                continue
-            key = (fact.subject, fact.object)
-            if key in seen:
-                report.duplicates += 1
-                if not keep_duplicates:
-                    continue
-            seen.add(key)
-            facts.append(fact)
+        seen.add(key)
+        facts.append(fact)
     report.kept = len(facts)
     if relation is None:
         relations = {f.relation for f in facts}
@@ -286,6 +306,28 @@ def filter_single_token(facts: Iterable[Fact], tokenizer: PreTrainedTokenizerBas
     return kept, dropped
 
 
+def filter_unknown_subjects(
+    facts: Iterable[Fact], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[Fact], list[Fact]]:
+    """Split facts into those whose subject the tokenizer can read and those whose subject is unknown tokens only
+    (e.g. "😀" or "école" with a vocabulary without them): ``(kept, dropped)``.
+
+    Such a subject reaches the model as ``[UNK]``, so all of them get identical answers; count and report them as
+    `filter_single_token` does for objects. A tokenizer without an unknown token (byte-level BPE) drops none.
+    """
+    unk = tokenizer.unk_token_id
+    kept: list[Fact] = []
+    dropped: list[Fact] = []
+    cache: dict[str, bool] = {}
+    for fact in facts:
+        if fact.subject not in cache:
+            # nothing at all left after normalisation (control characters only) is as unreadable as [UNK]
+            ids = tokenizer(fact.subject, add_special_tokens=False)["input_ids"] if unk is not None else []
+            cache[fact.subject] = unk is None or any(token != unk for token in ids)
+        (kept if cache[fact.subject] else dropped).append(fact)
+    return kept, dropped
+
+
 def load_common_vocab(path: str | Path) -> list[str]:
     """Read a vocabulary file, one word per line (LAMA's ``common_vocab_cased.txt``), in file order.
 
@@ -299,12 +341,11 @@ def load_common_vocab(path: str | Path) -> list[str]:
         )
     words: list[str] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            word = line.rstrip("\r\n")
-            if word.strip() and word not in seen:
-                seen.add(word)
-                words.append(word)
+    for _, line in text_lines(path):
+        word = line.rstrip("\r\n")
+        if word.strip() and word not in seen:
+            seen.add(word)
+            words.append(word)
     if not words:
         raise DataFormatError(f"Vocabulary file {path} has no words (expected one word per line).")
     return words

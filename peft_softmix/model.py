@@ -13,6 +13,7 @@ from .config import SoftMixtureConfig, SoftMixtureInit
 from .errors import AdapterLoadError
 from .hooks import SoftPositions
 from .tokenization import TemplateLayout
+from .trust import check_savable, embedding_norm_bound, tensor_problem
 
 __all__ = ["SoftMixtureModel"]
 
@@ -44,6 +45,8 @@ class SoftMixtureModel(BasePromptEncoder):
         super().__init__()
         token_ids = torch.tensor([t for layout in layouts for t in layout.token_ids], dtype=torch.long)
         table = word_embeddings.weight.detach()
+        # loaded (and saved) tensors longer than this are refused: see peft_softmix.trust
+        self.norm_bound = embedding_norm_bound(table)
         if SoftMixtureInit(config.init) == SoftMixtureInit.TEMPLATE:
             init = table[token_ids.to(table.device)].float().clone()
         else:
@@ -99,13 +102,20 @@ class SoftMixtureModel(BasePromptEncoder):
 
     # -- PEFT's (de)serialisation hooks ------------------------------------------------------------------------
 
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a saved adapter holds, by their name in the file."""
+        tensors = {"soft_words": self.soft_words, "mixture_logits": self.mixture_logits}
+        if self.deep_offsets is not None:
+            tensors["deep_offsets"] = self.deep_offsets
+        return {name: tensor.detach() for name, tensor in tensors.items()}
+
+    def check_savable(self, adapter_name: str) -> None:
+        """Refuse, naming the tensor, to save NaN, inf or absurdly large values that the loader would refuse."""
+        check_savable(self.adapter_tensors(), adapter_name, self.norm_bound)
+
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        encoder = model.prompt_encoder[adapter_name]
-        tensors = {"soft_words": encoder.soft_words, "mixture_logits": encoder.mixture_logits}
-        if encoder.deep_offsets is not None:
-            tensors["deep_offsets"] = encoder.deep_offsets
-        return {name: tensor.detach() for name, tensor in tensors.items()}
+        return model.prompt_encoder[adapter_name].adapter_tensors()
 
     def _load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         expected = {"soft_words": self.soft_words, "mixture_logits": self.mixture_logits}
@@ -132,8 +142,12 @@ class SoftMixtureModel(BasePromptEncoder):
                     f"Adapter tensor '{name}' has dtype {value.dtype}, not a floating point type; the file was not "
                     "written by peft_softmix or was edited."
                 )
-            if not torch.isfinite(value).all():
-                raise AdapterLoadError(f"Adapter tensor '{name}' contains NaN or inf values; the file is corrupted.")
+            problem = tensor_problem(name, value, self.norm_bound)
+            if problem is not None:
+                raise AdapterLoadError(
+                    f"{problem}; the file is corrupted or was edited (such values make every answer NaN or "
+                    "meaningless), or it belongs to another base model."
+                )
         with torch.no_grad():
             for name, param in expected.items():
                 param.copy_(present[name].to(device=param.device, dtype=param.dtype))

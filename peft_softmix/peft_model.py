@@ -31,10 +31,13 @@ from .architectures import (
 )
 from .config import SoftMixtureConfig, naming_config_file
 from .hooks import SoftPositions, deep_prompt_hooks, gather_mask_positions, soft_word_embeddings
+from .inputs import candidate_mask as checked_candidate_mask
+from .inputs import check_query_options, check_subjects
 from .model import SoftMixtureModel
 from .processing import IGNORE_INDEX, SoftMixtureProcessor
-from .serialization import AdapterFilesMixin, check_adapter_fits, load_tokenizer
+from .serialization import AdapterFilesMixin, check_adapter_fits
 from .tokenization import TemplateLayout, encode_query
+from .trust import base_model_name, load_tokenizer
 
 __all__ = ["IGNORE_INDEX", "PeftModelForSoftMixture", "SoftMixtureOutput", "mix_templates"]
 
@@ -109,7 +112,8 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         self.word_embeddings = embeddings
         # every module that looks tokens up in that table (seq2seq models keep one per stack)
         self._embedding_tables = tied_embedding_modules(base, embeddings)
-        tokenizer = load_tokenizer(config)
+        # never runs code; a loaded adapter gets its base model's tokenizer unless the user passed tokenizer=
+        tokenizer = load_tokenizer(config, base_model_name(self.base_model))
         processor = SoftMixtureProcessor(
             tokenizer,
             config.templates,
@@ -342,17 +346,17 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         """The top-k fillers of ``[Y]`` for each subject, with their mixture probabilities.
 
         Returns one dict per subject: ``{"subject", "predictions": [(token, prob), ...]}`` and, with
-        ``return_template_probs``, ``"templates": [{"template", "weight", "predictions"}, ...]``.
+        ``return_template_probs``, ``"templates": [{"template", "weight", "predictions"}, ...]``. ``subjects`` is a
+        list (a bare string is refused); ``top_k`` and ``batch_size`` are >= 1; ``candidate_ids`` are token ids.
         """
+        check_subjects(subjects, "query", allow_empty=True)
+        check_query_options(top_k, batch_size)
+        device = self.embedding_device
+        candidate_mask = checked_candidate_mask(candidate_ids, self._vocab_size, device)
         was_training = self.training
         self.eval()
         processor = self.processor
         tokenizer = processor.tokenizer
-        device = self.embedding_device
-        candidate_mask = None
-        if candidate_ids is not None:
-            candidate_mask = torch.zeros(self._vocab_size, dtype=torch.bool, device=device)
-            candidate_mask[torch.as_tensor(list(candidate_ids), device=device)] = True
 
         def top(log_probs: torch.Tensor) -> list[tuple[str, float]]:
             values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]))

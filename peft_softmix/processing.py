@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 from .errors import QueryTooLongError
+from .inputs import check_objects, check_subjects
 from .tokenization import EncodedQuery, TemplateLayout, encode_query, object_token_id, template_layout
 
 __all__ = ["DEFAULT_CACHE_SIZE", "IGNORE_INDEX", "SoftMixtureProcessor"]
@@ -161,6 +162,8 @@ class SoftMixtureProcessor:
         `HARD`, `SUBJECT`, `MASK`) elsewhere. ``labels[b]`` is the object's token id, or -100 when it is not one
         token (or not given).
         """
+        check_subjects(subjects, "encode")
+        check_objects(subjects, objects, "encode")
         K = len(self.layouts)
         queries: list[EncodedQuery] = []
         rows: list[torch.Tensor] = []
@@ -206,6 +209,7 @@ class SoftMixtureProcessor:
 
     def query_lengths(self, subjects: Sequence[str]) -> list[int]:
         """For each subject, the token count of its longest filled template (compare with `max_query_length`)."""
+        check_subjects(subjects, "query_lengths", allow_empty=True)
         return [
             max(len(self._cached(k, subject).query.input_ids) for k in range(len(self.layouts)))
             for subject in subjects

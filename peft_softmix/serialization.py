@@ -10,44 +10,27 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from .atomic import atomic_folder
 from .config import SoftMixtureConfig
 from .errors import AdapterLoadError
+from .model import SoftMixtureModel
+from .trust import tokenizer_consent
 
 if TYPE_CHECKING:
     from peft import PeftModel as _Base
 else:
     _Base = object
 
-__all__ = ["AdapterFilesMixin", "check_adapter_fits", "load_tokenizer"]
+__all__ = ["AdapterFilesMixin", "check_adapter_fits"]
 
 MODEL_CARD_TAGS = ["peft", "peft_softmix", "soft-prompts", "mixture-of-soft-prompts", "fill-mask", "lama"]
-
-
-def load_tokenizer(config: SoftMixtureConfig) -> PreTrainedTokenizerBase:
-    """The base model's tokenizer that an adapter's config names (or the base model's own name or path)."""
-    name = config.tokenizer_name_or_path or config.base_model_name_or_path
-    if not name:
-        raise ValueError(
-            "SoftMixtureConfig needs tokenizer_name_or_path (the base model's tokenizer) when the base model was "
-            "not loaded with from_pretrained."
-        )
-    kwargs = dict(config.tokenizer_kwargs or {})
-    kwargs.pop("trust_remote_code", None)  # an adapter file must not be able to run code
-    try:
-        return AutoTokenizer.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"Cannot load the tokenizer {name!r} ({err}). Set tokenizer_name_or_path (in adapter_config.json for "
-            "a saved adapter) to the base model's tokenizer folder or Hub id."
-        ) from err
 
 
 class AdapterFilesMixin(_Base):
@@ -71,13 +54,21 @@ class AdapterFilesMixin(_Base):
             )
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory.")
+        for name in kwargs.get("selected_adapters") or list(self.peft_config):
+            # never write a file the loader would refuse
+            cast(SoftMixtureModel, self.prompt_encoder[name]).check_savable(name)
         with atomic_folder(save_directory) as staging:
             super().save_pretrained(os.fspath(staging), **kwargs)
 
     def load_adapter(  # type: ignore[override]
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, *args: Any, **kwargs: Any
     ):
-        """Like `PeftModel.load_adapter`; ``is_trainable=True`` loads the adapter ready to train further."""
+        """Like `PeftModel.load_adapter`; ``is_trainable=True`` loads the adapter ready to train further.
+
+        ``tokenizer=`` (a name, folder or tokenizer object) is the user's consent to a tokenizer other than the
+        base model's, which the adapter's config may name but not choose (see peft_softmix.trust).
+        """
+        consent = kwargs.pop("tokenizer", None)
         folder = os.fspath(model_id)
         if kwargs.get("subfolder"):
             folder = os.path.join(folder, kwargs["subfolder"])
@@ -86,7 +77,8 @@ class AdapterFilesMixin(_Base):
         _check_adapter_files(os.fspath(model_id), folder, read_config=added, **kwargs)
         try:
             # PEFT refuses is_trainable for prompt-learning methods; ours resumes fine, so it is applied after loading
-            result = super().load_adapter(model_id, adapter_name, False, *args, **kwargs)
+            with tokenizer_consent(consent):
+                result = super().load_adapter(model_id, adapter_name, False, *args, **kwargs)
         except Exception as err:
             if added:  # never leave behind an adapter whose weights did not load
                 self._forget_adapter(adapter_name)
@@ -108,10 +100,15 @@ class AdapterFilesMixin(_Base):
     def from_pretrained(  # type: ignore[override]
         cls, model, model_id, adapter_name: str = "default", is_trainable: bool = False, **kwargs
     ):
-        """Like `PeftModel.from_pretrained`, and ``is_trainable=True`` resumes training the adapter."""
+        """Like `PeftModel.from_pretrained`, and ``is_trainable=True`` resumes training the adapter.
+
+        ``tokenizer=`` (a name, folder or tokenizer object) is the user's consent to a tokenizer other than the
+        base model's, which the adapter's config may name but not choose (see peft_softmix.trust).
+        """
         folder = os.path.join(model_id, kwargs["subfolder"]) if kwargs.get("subfolder") else os.fspath(model_id)
         _check_adapter_files(os.fspath(model_id), folder, read_config=kwargs.get("config") is None, **kwargs)
-        peft_model = super().from_pretrained(model, model_id, adapter_name, is_trainable=False, **kwargs)
+        with tokenizer_consent(kwargs.pop("tokenizer", None)):
+            peft_model = super().from_pretrained(model, model_id, adapter_name, is_trainable=False, **kwargs)
         if is_trainable:
             peft_model._make_trainable(adapter_name)  # type: ignore[attr-defined]
         return peft_model

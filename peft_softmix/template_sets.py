@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataFormatError, TemplateError, TemplateSetError
-from .facts import SAMPLE_DIR, read_json_object
+from .facts import SAMPLE_DIR, read_json_object, text_lines
 from .tokenization import validate_template
 
 TEMPLATE_FILES = {
@@ -116,21 +116,20 @@ def template_file(source: str | Path, templates_dir: str | Path | None = None) -
 
 def _read_entries(path: Path) -> list[_Entry]:
     entries = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            record = read_json_object(path, lineno, line)
-            for key in ("relation", "template"):
-                if not isinstance(record.get(key), str):
-                    raise DataFormatError(
-                        f"{where}: field {key!r} must be a string, found {record.get(key)!r} (keys: {sorted(record)})."
-                    )
-            weight = record.get("weight")
-            if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
-                raise DataFormatError(f"{where}: field 'weight' must be a number, found {weight!r}.")
-            entries.append(_Entry(record["relation"], record["template"], None if weight is None else float(weight)))
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        record = read_json_object(path, lineno, line)
+        for key in ("relation", "template"):
+            if not isinstance(record.get(key), str):
+                raise DataFormatError(
+                    f"{where}: field {key!r} must be a string, found {record.get(key)!r} (keys: {sorted(record)})."
+                )
+        weight = record.get("weight")
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
+            raise DataFormatError(f"{where}: field 'weight' must be a number, found {weight!r}.")
+        entries.append(_Entry(record["relation"], record["template"], None if weight is None else float(weight)))
     return entries
 
 

@@ -132,7 +132,8 @@ def check_architecture(
         stage = "save and reload"
         with tempfile.TemporaryDirectory() as folder:
             peft_model.save_pretrained(folder)
-            reloaded = PeftModel.from_pretrained(make_model().eval(), folder)
+            # a model built in memory has no name to check the adapter's tokenizer against: the caller's is named
+            reloaded = PeftModel.from_pretrained(make_model().eval(), folder, tokenizer=tokenizer_path)
             reloaded.eval()
             with torch.no_grad():
                 again = reloaded(**batch).log_probs

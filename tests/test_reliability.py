@@ -184,7 +184,9 @@ CONFIG_CASES = [
         "tokenizer-gone",
         edit_config(lambda c: c.update(tokenizer_name_or_path="/nonexistent/tokenizer")),
         CONFIG_FILE,
-        "Cannot load the tokenizer '/nonexistent/tokenizer'",
+        # another tokenizer than the base model's is never loaded without consent (tests/test_adapter_trust.py
+        # passes tokenizer= and gets "Cannot load the tokenizer '/nonexistent/tokenizer'")
+        "asks for the tokenizer '/nonexistent/tokenizer', but the base model is",
     ),
 ]
 WEIGHTS_CASES = [
@@ -312,8 +314,9 @@ def test_other_vocabulary_is_refused_naming_both(files):
 
 def test_other_tokenizer_family_is_refused_naming_both(files, tmp_path):
     folder = broken_copy(files, tmp_path, edit_config(lambda c: c.update(tokenizer_name_or_path=files.bpe_tokenizer)))
+    # with the user's consent to the other tokenizer (without it the load stops earlier: tests/test_adapter_trust.py)
     with pytest.raises(AdapterLoadError) as caught:
-        PeftModel.from_pretrained(load_base(files.base), folder)
+        PeftModel.from_pretrained(load_base(files.base), folder, tokenizer=files.bpe_tokenizer)
     message = str(caught.value)
     assert "BertTokenizer" in message and "RobertaTokenizer" in message and files.bpe_tokenizer in message
 

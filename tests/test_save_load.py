@@ -230,6 +230,7 @@ def test_tokenizer_that_splits_templates_differently_is_refused(saved, tiny_dir,
     config = json.loads(config_file.read_text())
     config["tokenizer_name_or_path"] = str(tmp_path / "tok")
     config_file.write_text(json.dumps(config))
+    # with the user's consent to that tokenizer: without it, it is never loaded (tests/test_adapter_trust.py)
     with pytest.raises(AdapterLoadError, match="tokeni[sz]") as info:
-        PeftModel.from_pretrained(fresh(tiny_dir), path)
+        PeftModel.from_pretrained(fresh(tiny_dir), path, tokenizer=str(tmp_path / "tok"))
     assert "'the capital of [X] is [Y]'" in str(info.value)  # names the template that moved

@@ -182,7 +182,8 @@ def test_run_writes_results_adapters_and_keeps_best_on_dev(fx, tmp_path, capsys,
     from peft_softmix.facts import filter_single_token, load_facts
 
     for relation in ("P19", "P20"):
-        base = AutoModelForMaskedLM.from_pretrained(str(fx.model))
+        # the base it was trained on: an adapter file names its tokenizer, and another base needs tokenizer=
+        base = AutoModelForMaskedLM.from_pretrained(str(fx.model_nodrop))
         model = PeftModel.from_pretrained(base, str(out / relation / "adapter"))
         assert isinstance(model, PeftModelForSoftMixture)
         facts, _ = filter_single_token(load_facts(fx.trex / relation / "test.jsonl").facts, tokenizer)
