@@ -36,9 +36,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SCRIPT.is_file(), reason=
 WRAPPER = r"""
 import os, runpy, sys, time
 import torch
-import peft_softmix.training as training
+import peft_softmix.trainer as trainer
 
-real_model_inputs = training.model_inputs
+real_model_inputs = trainer.model_inputs
 seen = 0
 
 def model_inputs(batch):
@@ -53,7 +53,7 @@ def model_inputs(batch):
                 time.sleep(600)
     return real_model_inputs(batch)
 
-training.model_inputs = model_inputs  # the script imports it from here
+trainer.model_inputs = model_inputs  # the library's training loop calls it from here
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
