@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         train.add_argument(f"--{f.name}", type=type(default), choices=f.metadata.get("choices"), help=help_text)
     train.add_argument("--output_dir", default="out/train_trex", help="Where adapters, checkpoints, results go.")
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), help="Default: accelerate's config.")
-    resume = "'latest' (each relation's last checkpoint in --output_dir) or a <relation>/checkpoints/epoch_N path"
+    resume = "'latest' (each relation's last checkpoint in --output_dir) or a <relation>/checkpoints/epoch_N path."
     train.add_argument("--resume_from_checkpoint", help=resume)
     train.add_argument("--push_to_hub", action="store_true", help="Push each relation's adapter to the Hub.")
     train.add_argument("--hub_model_id", default=None, help="Repo id prefix: each relation goes to <id>-<relation>.")
