@@ -22,6 +22,7 @@ only), neither (both); ``--mixture_fit em`` fits the weights by EM. ``--preset p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from dataclasses import fields
@@ -36,6 +37,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 from peft_softmix import SoftMixtureConfig, TemplateError
 from peft_softmix.checkpoints import ResumeError, checkpoint_dir, resume_points
 from peft_softmix.facts import SAMPLE_DIR
+from peft_softmix.output_dir import OutputDirError, lock_output_dir
 from peft_softmix.relations import (
     RelationDataError,
     candidate_mask,
@@ -45,7 +47,14 @@ from peft_softmix.relations import (
 )
 from peft_softmix.results import results_document, results_markdown, row_labels, write_results
 from peft_softmix.tokenization import require_mask_token
-from peft_softmix.trainer import PRESETS, TrainingArguments, TrainingDiverged, preset_note
+from peft_softmix.trainer import (
+    PRESETS,
+    TrainingArguments,
+    TrainingDiverged,
+    TrainingSetupError,
+    check_mixed_precision,
+    preset_note,
+)
 from peft_softmix.training import train_relation, trained_label
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +191,71 @@ def adapter_config(args: argparse.Namespace, templates: list[str], weights: list
     )
 
 
+def train_relations(args: argparse.Namespace, accelerator: Accelerator, output_dir: Path) -> tuple[list, str]:
+    """Load the model and every relation's data (all checked before any training), then train each relation."""
+    outcomes = []
+    tokenizer, base_model = load_model(args)
+    relations = resolve_relations(args.data_dir, args.relations)
+    common_words = candidates = None
+    if args.common_vocab is not None:
+        vocab_size = base_model.get_input_embeddings().num_embeddings
+        common_words, candidates, note = candidate_mask(tokenizer, args.common_vocab, vocab_size)
+        accelerator.print(note)
+    datasets = []
+    for relation in relations:
+        data = load_relation_data(
+            args.data_dir,
+            relation,
+            tokenizer,
+            args.templates,
+            args.num_templates,
+            args.templates_dir,
+            source_weights=args.template_weights == "source",
+            common_words=common_words,
+            max_train_samples=args.max_train_samples,
+            max_eval_samples=args.max_eval_samples,
+        )
+        accelerator.print(data.notes)
+        datasets.append(data)
+    points, notes = resume_points(args.resume_from_checkpoint, output_dir, relations, accelerator.num_processes)
+    for note in notes:
+        accelerator.print(note)
+    base_model.to(accelerator.device)
+
+    for data in datasets:
+        set_seed(args.seed)
+        config = adapter_config(args, data.templates, data.template_weights)
+        soft_label = trained_label(config, args.training)
+        try:
+            model = get_peft_model(base_model, config)
+        except (TemplateError, ValueError) as err:
+            raise RelationDataError(f"Relation {data.relation}: cannot build the adapter: {err}") from None
+        model.to(accelerator.device)
+        data, note = drop_long_queries(model, data)
+        if note:
+            accelerator.print(note)
+        outcome = train_relation(
+            model,
+            data,
+            args.training,
+            accelerator,
+            candidate_mask=candidates,
+            checkpoint_dir=checkpoint_dir(output_dir, data.relation),
+            resume_from=points[data.relation],
+            settings={name: getattr(args, name) for name in RUN_FLAGS},
+        )
+        outcome.adapter_dir = str(output_dir / data.relation / "adapter")
+        model.save_pretrained(outcome.adapter_dir, is_main_process=accelerator.is_main_process)
+        if args.push_to_hub and accelerator.is_main_process:
+            repo_id = f"{args.hub_model_id}-{data.relation}"
+            message = f"{data.relation}: {soft_label}, best dev P@1 {outcome.training.best_dev_p1:.4f}"
+            model.push_to_hub(repo_id, token=args.hub_token, private=args.hub_private or None, commit_message=message)
+            accelerator.print(f"{data.relation}: pushed the adapter to {repo_id}")
+        accelerator.wait_for_everyone()
+        outcomes.append(outcome)
+    return outcomes, soft_label
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     accelerator = Accelerator(
@@ -199,81 +273,25 @@ def main(argv: list[str] | None = None) -> dict | None:
         accelerator.print(args.preset_note)
     output_dir = Path(args.output_dir)
 
-    outcomes = []
-    try:
-        tokenizer, base_model = load_model(args)
-        relations = resolve_relations(args.data_dir, args.relations)
-        common_words = candidates = None
-        if args.common_vocab is not None:
-            vocab_size = base_model.get_input_embeddings().num_embeddings
-            common_words, candidates, note = candidate_mask(tokenizer, args.common_vocab, vocab_size)
-            accelerator.print(note)
-        # every relation's data and templates are checked before any training starts
-        datasets = []
-        for relation in relations:
-            data = load_relation_data(
-                args.data_dir,
-                relation,
-                tokenizer,
-                args.templates,
-                args.num_templates,
-                args.templates_dir,
-                source_weights=args.template_weights == "source",
-                common_words=common_words,
-                max_train_samples=args.max_train_samples,
-                max_eval_samples=args.max_eval_samples,
-            )
-            accelerator.print(data.notes)
-            datasets.append(data)
-        points = resume_points(args.resume_from_checkpoint, output_dir, relations)
-        base_model.to(accelerator.device)
+    with contextlib.ExitStack() as stack:
+        try:
+            check_mixed_precision(accelerator)
+            if accelerator.is_main_process:  # one run per --output_dir, and it must be writable before training
+                stack.enter_context(lock_output_dir(output_dir))
+            outcomes, soft_label = train_relations(args, accelerator, output_dir)
+        except (RelationDataError, ResumeError, TrainingDiverged, TrainingSetupError, OutputDirError) as err:
+            raise SystemExit(f"error: {err}") from None
 
-        for data in datasets:
-            set_seed(args.seed)
-            config = adapter_config(args, data.templates, data.template_weights)
-            soft_label = trained_label(config, args.training)
-            try:
-                model = get_peft_model(base_model, config)
-            except (TemplateError, ValueError) as err:
-                raise RelationDataError(f"Relation {data.relation}: cannot build the adapter: {err}") from None
-            model.to(accelerator.device)
-            data, note = drop_long_queries(model, data)
-            if note:
-                accelerator.print(note)
-            outcome = train_relation(
-                model,
-                data,
-                args.training,
-                accelerator,
-                candidate_mask=candidates,
-                checkpoint_dir=checkpoint_dir(output_dir, data.relation),
-                resume_from=points[data.relation],
-                settings={name: getattr(args, name) for name in RUN_FLAGS},
-            )
-            outcome.adapter_dir = str(output_dir / data.relation / "adapter")
-            model.save_pretrained(outcome.adapter_dir, is_main_process=accelerator.is_main_process)
-            if args.push_to_hub and accelerator.is_main_process:
-                repo_id = f"{args.hub_model_id}-{data.relation}"
-                message = f"{data.relation}: {soft_label}, best dev P@1 {outcome.training.best_dev_p1:.4f}"
-                model.push_to_hub(
-                    repo_id, token=args.hub_token, private=args.hub_private or None, commit_message=message
-                )
-                accelerator.print(f"{data.relation}: pushed the adapter to {repo_id}")
-            accelerator.wait_for_everyone()
-            outcomes.append(outcome)
-    except (RelationDataError, ResumeError, TrainingDiverged) as err:
-        raise SystemExit(f"error: {err}") from None
-
-    results = None
-    if accelerator.is_main_process:
-        settings = {k: v for k, v in vars(args).items() if k not in ("hub_token", "training", "preset_note")}
-        results = results_document(outcomes, row_labels(args.templates, soft_label), settings)
-        title = f"# Soft-prompt mixtures on {args.data_dir}\n\nModel: `{args.model_name_or_path}`"
-        written = write_results(output_dir, results, title)
-        if output_dir / "mixture_weights.png" not in written:
-            print("matplotlib is not installed: mixture_weights.png skipped (pip install 'peft-softmix[plot]').")
-        print("Wrote " + ", ".join(str(path) for path in written))
-        print(results_markdown(results, "test"))
+        results = None
+        if accelerator.is_main_process:
+            settings = {k: v for k, v in vars(args).items() if k not in ("hub_token", "training", "preset_note")}
+            results = results_document(outcomes, row_labels(args.templates, soft_label), settings)
+            title = f"# Soft-prompt mixtures on {args.data_dir}\n\nModel: `{args.model_name_or_path}`"
+            written = write_results(output_dir, results, title)
+            if output_dir / "mixture_weights.png" not in written:
+                print("matplotlib is not installed: mixture_weights.png skipped (pip install 'peft-softmix[plot]').")
+            print("Wrote " + ", ".join(str(path) for path in written))
+            print(results_markdown(results, "test"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

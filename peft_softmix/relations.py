@@ -110,16 +110,18 @@ def load_relation_data(
     name = getattr(tokenizer, "name_or_path", "the model")
     for split, fact_split in splits.items():
         facts, dropped = filter_single_token(fact_split.facts, tokenizer)
-        note = f"{split} {len(facts)}/{len(fact_split.facts)}"
-        if dropped:
-            note += f" ({len(dropped)} objects not one token)"
+        why = [f"{len(dropped)} objects not one token"] if dropped else []
         if common_words is not None:
             facts, outside = facts_in_vocab(facts, common_words)
             if outside:
-                note += f" ({len(outside)} not in the common vocab)"
+                why.append(f"{len(outside)} not in the common vocab")
+        flag = "--max_train_samples" if split == "train" else "--max_eval_samples"
         limit = max_train_samples if split == "train" else max_eval_samples
-        if limit is not None:
+        if limit is not None and len(facts) > limit:
+            why.append(f"{len(facts) - limit} beyond {flag} {limit}")
             facts = facts[:limit]
+        # the count kept after every filter, then what each filter took
+        note = f"{split} {len(facts)}/{len(fact_split.facts)}" + "".join(f" ({reason})" for reason in why)
         if not facts:
             raise RelationDataError(
                 f"Relation {relation}: the {split} split is empty after filtering ({len(fact_split.facts)} facts "

@@ -9,6 +9,7 @@ patience, mixture weights by gradient or by EM, checkpoints every epoch and a bi
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,14 +22,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from .batching import Collator, FactCollator, eval_dataloader, model_inputs, subject_lengths, train_dataloader
-from .checkpoints import (
-    ResumeError,
-    TrainingState,
-    compare_settings,
-    latest_checkpoint,
-    save_checkpoint,
-    training_state,
-)
+from .checkpoints import TrainingState, as_json, load_checkpoint, save_checkpoint, start_run
 from .em import em_mixture_logits, em_posteriors, set_mixture_logits
 from .evaluation import EvalRanks, evaluate_ranks, precision_at_1
 from .facts import Fact
@@ -40,6 +34,8 @@ __all__ = [
     "TrainResult",
     "TrainingArguments",
     "TrainingDiverged",
+    "TrainingSetupError",
+    "check_mixed_precision",
     "adapter_state",
     "load_adapter_state",
     "preset_note",
@@ -172,6 +168,21 @@ class TrainingDiverged(RuntimeError):
     """The training loss stopped being finite; the message names the step and the last good checkpoint."""
 
 
+class TrainingSetupError(ValueError):
+    """The run cannot train as asked on this machine (e.g. a mixed precision its device does not run)."""
+
+
+def check_mixed_precision(accelerator: Any) -> None:
+    """Refuse a mixed precision that Accelerate would silently run in fp32 (fp16 on a CPU)."""
+    if accelerator.mixed_precision in ("fp16", "bf16") and not accelerator.native_amp:
+        raise TrainingSetupError(
+            f"--mixed_precision {accelerator.mixed_precision} is not available on {accelerator.device} (training "
+            "would silently run in fp32). Use --mixed_precision no"
+            + (" or bf16" if accelerator.mixed_precision == "fp16" else "")
+            + ", or run on a GPU."
+        )
+
+
 def adapter_state(model: Any) -> dict[str, torch.Tensor]:
     """A CPU copy of what training changes: a PEFT model's adapter (PEFT's public state-dict API), or the
     trainable parameters of any other module."""
@@ -220,6 +231,7 @@ class RelationTrainer:
         candidate_mask: torch.Tensor | None = None,
         progress: bool | None = None,
     ) -> None:
+        check_mixed_precision(accelerator)
         self.model, self.args, self.accelerator, self.name = model, args, accelerator, name
         self.candidate_mask = candidate_mask
         self.progress = accelerator.is_local_main_process if progress is None else progress
@@ -279,9 +291,9 @@ class RelationTrainer:
         """
         args, accelerator, model = self.args, self.accelerator, self.model
         run_settings = {**dict(settings or {}), **args.settings()}
-        checkpointed = checkpoint_dir is not None or resume_from is not None
-        state = training_state(accelerator) if checkpointed else TrainingState()
+        state = TrainingState()
         state.reset(self.name, run_settings)
+        fingerprint = self.fingerprint(run_settings)
 
         train_facts = self.splits["train"]
         train_loader = train_dataloader(
@@ -305,15 +317,20 @@ class RelationTrainer:
             train_loader = accelerator.prepare(train_loader)
 
         if resume_from is not None:
-            self._resume(state, resume_from, run_settings, optimizer)
+            self._resume(state, resume_from, fingerprint, run_settings, optimizer)
+            if checkpoint_dir is not None:
+                start_run(accelerator, checkpoint_dir, state.run_id)  # later checkpoints continue that run
         else:
+            if checkpoint_dir is not None:
+                # checkpoints of an earlier run into this folder are not this run's: `latest` skips them
+                state.run_id = start_run(accelerator, checkpoint_dir)
             # the untrained model is the first candidate for "best on dev" (training must beat it)
             init = self.evaluate("dev", description=f"{self.name} init dev")
             state.best_p1 = precision_at_1(init.mixture)
             state.best_adapter = adapter_state(model)
             state.history.append(EpochLog(0, math.nan, init.loss, state.best_p1).to_dict())
 
-        last_checkpoint = latest_checkpoint(checkpoint_dir) if resume_from is not None and checkpoint_dir else None
+        last_checkpoint = Path(resume_from) if resume_from is not None else None
         while not state.stopped and state.epoch < args.num_train_epochs:
             epoch = state.epoch + 1
             train_loss = self._train_epoch(train_model, train_loader, optimizer, epoch, last_checkpoint)
@@ -337,7 +354,8 @@ class RelationTrainer:
                 main_process_only=True,
             )
             if checkpoint_dir is not None:
-                last_checkpoint = save_checkpoint(accelerator, checkpoint_dir, epoch)
+                record = {**fingerprint, "run_id": state.run_id}
+                last_checkpoint = save_checkpoint(accelerator, checkpoint_dir, epoch, state, record)
 
         # the best state on dev, then the test split
         load_adapter_state(model, state.best_adapter)
@@ -355,13 +373,26 @@ class RelationTrainer:
             test=test,
         )
 
-    def _resume(self, state: TrainingState, checkpoint: str | Path, settings: dict[str, Any], optimizer: Any) -> None:
+    def fingerprint(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """What defines this run, recorded in each checkpoint and compared first on resume: the relation, the
+        settings that shape parameters, batches and random states (not the adjustable ones), and a hash of the
+        facts of each split (so another --data_dir, filter or sample is seen)."""
+        fixed = {k: v for k, v in settings.items() if k not in TrainingArguments.ADJUSTABLE}
+        data = {}
+        for split, facts in self.splits.items():
+            digest = hashlib.sha256()
+            for fact in facts:
+                digest.update(f"{fact.subject}\x1f{fact.object}\n".encode())
+            data[f"facts:{split}"] = f"{len(facts)} facts, sha256 {digest.hexdigest()[:16]}"
+        return as_json({"relation": self.name, "settings": fixed, "data": data})
+
+    def _resume(
+        self, state: TrainingState, checkpoint: str | Path, fingerprint: dict, settings: dict[str, Any], optimizer: Any
+    ) -> None:
         accelerator, args = self.accelerator, self.args
         accelerator.print(f"{self.name}: resuming from {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        if state.relation != self.name:
-            raise ResumeError(f"Checkpoint {checkpoint} is for relation {state.relation}, not {self.name}.")
-        changed = compare_settings(checkpoint, state.settings, settings, TrainingArguments.ADJUSTABLE)
+        adjustable = TrainingArguments.ADJUSTABLE
+        changed = load_checkpoint(accelerator, checkpoint, state, fingerprint, settings, adjustable)
         if changed:
             listed = "; ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
             accelerator.print(

@@ -187,6 +187,37 @@ def test_bad_input_exits_early_with_a_message(fx, tmp_path):
     assert "--patience must be at least 1" in message
 
 
+def test_early_failures_stop_before_any_training(fx, tmp_path):
+    from peft_softmix.output_dir import lock_output_dir
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = script(argv(fx, blocker / "out"), tmp_path)
+    assert proc.returncode == 1 and "Cannot write to --output_dir" in proc.stderr, proc.stderr[-2000:]
+    assert "epoch 1" not in proc.stderr  # found before the baselines and the first epoch
+
+    proc = script(argv(fx, tmp_path / "fp16", "--mixed_precision", "fp16"), tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "--mixed_precision fp16 is not available on cpu" in proc.stderr
+
+    out = tmp_path / "busy"
+    with lock_output_dir(out):  # another run holds the folder
+        proc = script(argv(fx, out), tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"--output_dir {out} is in use by another run (process {os.getpid()})" in proc.stderr
+    assert not (out / "results.json").exists() and not (out / "P19").exists()
+
+
+def test_resume_says_what_latest_is_and_names_changed_flags(fx, tmp_path):
+    out = tmp_path / "out"
+    assert script(argv(fx, out, "--num_train_epochs", "1"), tmp_path).returncode == 0
+    proc = script(argv(fx, out, "--resume_from_checkpoint", "latest", "--deep"), tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"P19: --resume_from_checkpoint latest is {out / 'P19' / 'checkpoints' / 'epoch_1'}" in proc.stdout
+    assert "--deep: checkpoint False, now True" in proc.stderr
+    assert "Traceback" not in proc.stderr  # a message, not a torch error about parameter groups
+
+
 HUB_WRAPPER = r"""
 import json, os, runpy, sys
 from types import SimpleNamespace

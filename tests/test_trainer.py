@@ -7,6 +7,7 @@ tiny random BERT and synthetic facts (offline, CPU): best on dev, resume, frozen
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +23,7 @@ from trex_fixture import TEMPLATES, build_fixture, write_jsonl
 
 import peft_softmix  # noqa: F401
 from peft_softmix import PeftModelForSoftMixture, SoftMixtureConfig
-from peft_softmix.checkpoints import CHECKPOINT_STATE_FILE, ResumeError, checkpoint_dir, resume_points
+from peft_softmix.checkpoints import STATE_FILE, ResumeError, TrainingState, checkpoint_dir, resume_points
 from peft_softmix.relations import (
     RelationDataError,
     candidate_mask,
@@ -33,6 +34,9 @@ from peft_softmix.relations import (
 from peft_softmix.results import results_document, row_labels, write_results
 from peft_softmix.trainer import PRESETS, TrainingArguments, TrainingDiverged, preset_note
 from peft_softmix.training import train_relation, trained_label
+
+# SoftMixtureConfig fields the runs below vary; they define the run, as the script's flags do
+CONFIG_FLAGS = ("deep", "train_prompts", "train_weights")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +82,8 @@ def run(
     if common_vocab is not None:
         words, candidates, _ = candidate_mask(tokenizer, common_vocab, base.get_input_embeddings().num_embeddings)
     names = resolve_relations(data_dir, relations)
-    points = resume_points(resume, out, names)
+    points, notes = resume_points(resume, out, names)
+    print(*notes, sep="\n")
     outcomes, label = [], ""
     for relation in names:
         data = load_relation_data(
@@ -96,7 +101,7 @@ def run(
             candidate_mask=candidates,
             checkpoint_dir=checkpoint_dir(out, relation),
             resume_from=points[relation],
-            settings={"num_templates": num_templates, "config": sorted((config or {}).items())},
+            settings={"num_templates": num_templates, **{k: (config or {}).get(k) for k in CONFIG_FLAGS}},
         )
         outcome.adapter_dir = str(out / relation / "adapter")
         peft_model.save_pretrained(outcome.adapter_dir)
@@ -108,8 +113,9 @@ def run(
 
 
 def checkpoint_state(out: Path, relation: str, epoch: int) -> dict:
-    path = checkpoint_dir(out, relation) / f"epoch_{epoch}" / CHECKPOINT_STATE_FILE
-    return torch.load(path, weights_only=False)
+    state = TrainingState()
+    state.load(checkpoint_dir(out, relation) / f"epoch_{epoch}")
+    return vars(state)
 
 
 def initial_adapter(fx, templates: list[str], **config) -> dict[str, torch.Tensor]:
@@ -191,7 +197,7 @@ def test_resume_continues_to_the_same_result_bitwise(fx, tmp_path):
     with pytest.raises(ResumeError) as err:
         run(fx, resumed, model=fx.model, num_templates=2, resume=epoch_1)
     assert "--num_templates: checkpoint 5, now 2" in str(err.value)
-    with pytest.raises(ResumeError, match="no custom_checkpoint_0.pkl"):
+    with pytest.raises(ResumeError, match="no training_state.json"):
         resume_points(str(tmp_path), tmp_path, ["P19"])
 
 
@@ -351,6 +357,119 @@ def test_nan_loss_stops_with_relation_and_step_and_keeps_last_checkpoint(fx, tmp
     message = str(err.value)
     assert "P19" in message and "epoch 2, step 2" in message and "nan" in message
     assert str(out / "P19" / "checkpoints" / "epoch_1") in message
-    assert (out / "P19" / "checkpoints" / "epoch_1" / CHECKPOINT_STATE_FILE).is_file()
+    assert (out / "P19" / "checkpoints" / "epoch_1" / STATE_FILE).is_file()
     assert not (out / "P19" / "checkpoints" / "epoch_2").exists()
     assert torch.isfinite(checkpoint_state(out, "P19", 1)["adapter"]["soft_words"]).all()
+
+
+# -- resume integrity (issue 20) -------------------------------------------------------------------------------
+
+
+def test_resume_with_other_parameter_shaping_settings_or_data_names_each_difference_first(fx, tmp_path):
+    out = tmp_path / "out"
+    run(fx, out, num_train_epochs=1)
+    # a deep adapter has another parameter group: without the fingerprint this failed inside torch's optimizer
+    with pytest.raises(ResumeError) as err:
+        run(fx, out, num_train_epochs=2, resume="latest", config={"deep": 1})
+    assert "--deep: checkpoint None, now 1" in str(err.value)
+    assert "parameter group" not in str(err.value)
+    with pytest.raises(ResumeError, match="--train_prompts: checkpoint None, now False"):
+        run(fx, out, num_train_epochs=2, resume="latest", config={"train_prompts": False})
+    # other facts (another --data_dir): the hash of each split's facts differs
+    other = tmp_path / "trex"
+    shutil.copytree(fx.trex, other)
+    lines = (other / "P19" / "train.jsonl").read_text().splitlines()
+    (other / "P19" / "train.jsonl").write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(ResumeError) as err:
+        run(fx, out, num_train_epochs=2, resume="latest", data_dir=other)
+    assert "facts:train: checkpoint '40 facts" in str(err.value) and "now '39 facts" in str(err.value)
+    assert "facts:dev" not in str(err.value)
+
+
+def test_a_broken_checkpoint_file_is_named_and_latest_falls_back_to_the_previous_epoch(fx, tmp_path, capsys):
+    straight, out = tmp_path / "straight", tmp_path / "out"
+    run(fx, straight, model=fx.model, num_train_epochs=2)
+    run(fx, out, model=fx.model, num_train_epochs=2)
+    broken = out / "P19" / "checkpoints" / "epoch_2" / "optimizer.bin"
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated, as by a full disk
+    with pytest.raises(ResumeError) as err:
+        resume_points(str(broken.parent), out, ["P19"])
+    assert str(broken) in str(err.value) and "cannot be read" in str(err.value)
+
+    capsys.readouterr()
+    run(fx, out, model=fx.model, num_train_epochs=2, resume="latest")
+    printed = capsys.readouterr().out
+    assert f"{broken} cannot be read" in printed and "Falling back to the previous epoch" in printed
+    assert f"latest is {out / 'P19' / 'checkpoints' / 'epoch_1'}" in printed
+    # epoch 2 was trained again from epoch 1: the same adapter as the uninterrupted run
+    a = load_file(straight / "P19" / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "P19" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # a truncated random state is named too (it used to be skipped silently, breaking the bitwise resume)
+    rng = out / "P19" / "checkpoints" / "epoch_2" / "random_states_0.pkl"
+    rng.write_bytes(rng.read_bytes()[:50])
+    points, notes = resume_points("latest", out, ["P19"])
+    assert points["P19"] == out / "P19" / "checkpoints" / "epoch_1"
+    assert any(str(rng) in note for note in notes)
+
+
+def test_latest_ignores_an_earlier_runs_checkpoints_and_says_when_there_is_none(fx, tmp_path):
+    out = tmp_path / "out"
+    points, notes = resume_points("latest", out, ["P19"])
+    assert points == {"P19": None}
+    root = out / "P19" / "checkpoints"
+    assert notes == [
+        f"P19: --resume_from_checkpoint latest: no checkpoint of the last run in {root}; this relation starts afresh."
+    ]
+    run(fx, out, num_train_epochs=3)  # an earlier run: epochs 1-3
+    run(fx, out, num_train_epochs=1)  # a fresh run into the same folder: only its epoch 1 is its own
+    points, notes = resume_points("latest", out, ["P19"])
+    assert points["P19"] == out / "P19" / "checkpoints" / "epoch_1"
+    assert notes == [f"P19: --resume_from_checkpoint latest is {points['P19']}"]
+
+
+def test_checkpoints_hold_no_pickles_of_ours(fx, tmp_path):
+    out = tmp_path / "out"
+    run(fx, out, num_train_epochs=1)
+    files = {p.name for p in (out / "P19" / "checkpoints" / "epoch_1").iterdir()}
+    # ours as JSON and safetensors; Accelerate's optimizer and random states are its own format
+    assert {"training_state.json", "adapter_state.safetensors", "fingerprint.json"} <= files
+    assert not any(name.startswith("custom_checkpoint") for name in files)
+    state = json.loads((out / "P19" / "checkpoints" / "epoch_1" / "training_state.json").read_text())
+    assert state["relation"] == "P19" and state["epoch"] == 1 and len(state["history"]) == 2
+
+
+def test_max_train_samples_reports_the_facts_really_kept(fx):
+    tokenizer = AutoTokenizer.from_pretrained(str(fx.model))
+    data = load_relation_data(
+        fx.trex, "P19", tokenizer, "mined", 5, fx.root / "templates", max_train_samples=10, max_eval_samples=4
+    )
+    assert len(data.splits["train"]) == 10
+    assert "train 10/41 (1 objects not one token) (30 beyond --max_train_samples 10)" in data.notes
+    assert "dev 4/17 (1 objects not one token) (12 beyond --max_eval_samples 4)" in data.notes
+
+
+def test_mixed_precision_that_would_silently_run_in_fp32_is_refused():
+    from peft_softmix.trainer import TrainingSetupError, check_mixed_precision
+
+    cpu_fp16 = SimpleNamespace(mixed_precision="fp16", native_amp=False, device=torch.device("cpu"))
+    with pytest.raises(TrainingSetupError, match="--mixed_precision fp16 is not available on cpu"):
+        check_mixed_precision(cpu_fp16)
+    check_mixed_precision(SimpleNamespace(mixed_precision="bf16", native_amp=True, device=torch.device("cpu")))
+    check_mixed_precision(SimpleNamespace(mixed_precision="no", native_amp=False, device=torch.device("cpu")))
+
+
+def test_an_output_folder_is_held_by_one_run_and_must_be_writable(tmp_path):
+    from peft_softmix.output_dir import OutputDirError, lock_output_dir
+
+    out = tmp_path / "out"
+    held = pytest.raises(OutputDirError, match=rf"in use by another run \(process {os.getpid()}\)")
+    with lock_output_dir(out), held, lock_output_dir(out):
+        pass
+    with lock_output_dir(out):  # released when the first run ends
+        pass
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OutputDirError, match="Cannot write to --output_dir"), lock_output_dir(blocker / "out"):
+        pass
