@@ -76,13 +76,10 @@ from peft_softmix.relations import (  # noqa: E402
 )
 from peft_softmix.results import results_document, row_labels, write_results  # noqa: E402
 from peft_softmix.template_sets import TemplateSetError, load_templates  # noqa: E402
-from peft_softmix.tokenization import (  # noqa: E402
-    encode_query,
-    object_token_id,  # noqa: E402
-    template_layout,
-)
-from peft_softmix.trainer import RelationTrainer, TrainingArguments  # noqa: E402
+from peft_softmix.tokenization import encode_query, object_token_id, template_layout  # noqa: E402
+from peft_softmix.trainer import RelationTrainer  # noqa: E402
 from peft_softmix.training import train_relation, trained_label  # noqa: E402
+from peft_softmix.training_args import TrainingArguments  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / "examples" / "probe_lm"
 DEFAULT_COMMON_VOCAB = SAMPLE_DIR / "vocab" / "common_vocab_cased.txt"

@@ -47,15 +47,9 @@ from peft_softmix.relations import (
 )
 from peft_softmix.results import results_document, results_markdown, row_labels, write_results
 from peft_softmix.tokenization import require_mask_token
-from peft_softmix.trainer import (
-    PRESETS,
-    TrainingArguments,
-    TrainingDiverged,
-    TrainingSetupError,
-    check_mixed_precision,
-    preset_note,
-)
+from peft_softmix.trainer import TrainingDiverged, TrainingSetupError, check_mixed_precision
 from peft_softmix.training import train_relation, trained_label
+from peft_softmix.training_args import PRESETS, TrainingArguments, preset_note
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "examples" / "probe_lm"
@@ -95,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     method.add_argument("--freeze_weights", action="store_true", help="Keep the initial mixture weights.")
     method.add_argument("--uniform_mixture", action="store_true", help="Uniform, fixed mixture weights.")
 
-    train = parser.add_argument_group("training (peft_softmix.trainer.TrainingArguments)")
+    train = parser.add_argument_group("training (peft_softmix.training_args.TrainingArguments)")
     paper = f"'paper': {preset_note('paper', {}).split(': ', 1)[1]}; flags given explicitly override it"
     train.add_argument("--preset", choices=tuple(PRESETS), help=f"The paper's protocol ({paper}).")
     defaults = TrainingArguments()

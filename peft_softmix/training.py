@@ -27,7 +27,8 @@ from .em import em_mixture_logits, em_posteriors
 from .evaluation import EvalRanks, evaluate_ranks, precision_at_1, scores_from_metric
 from .relations import RelationData
 from .results import RelationOutcome, SplitRanks, plot_mixture_weights, results_markdown
-from .trainer import RelationTrainer, TrainingArguments
+from .trainer import RelationTrainer
+from .training_args import TrainingArguments
 
 __all__ = [
     "EvalRanks",

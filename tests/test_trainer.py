@@ -32,8 +32,9 @@ from peft_softmix.relations import (
     resolve_relations,
 )
 from peft_softmix.results import results_document, row_labels, write_results
-from peft_softmix.trainer import PRESETS, TrainingArguments, TrainingDiverged, preset_note
+from peft_softmix.trainer import TrainingDiverged
 from peft_softmix.training import train_relation, trained_label
+from peft_softmix.training_args import PRESETS, TrainingArguments, preset_note
 
 # SoftMixtureConfig fields the runs below vary; they define the run, as the script's flags do
 CONFIG_FLAGS = ("deep", "train_prompts", "train_weights")
