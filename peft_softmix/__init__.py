@@ -10,24 +10,36 @@ from .config import PEFT_TYPE, SoftMixtureConfig, SoftMixtureInit  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterLoadError,
     DataFormatError,
+    OutputDirError,
     QueryTooLongError,
+    RelationDataError,
+    ResumeError,
     TemplateError,
     TemplateSetError,
+    TrainingDiverged,
+    TrainingSetupError,
     UnsupportedArchitectureError,
 )
 from .model import SoftMixtureModel  # noqa: E402
 from .peft_model import PeftModelForSoftMixture, SoftMixtureOutput  # noqa: E402
 from .processing import SoftMixtureProcessor  # noqa: E402
 from .registration import register  # noqa: E402
+from .trainer import RelationTrainer  # noqa: E402
+from .training import train_relation  # noqa: E402
+from .training_args import TrainingArguments  # noqa: E402
 
 register()
 
 __all__ = [
-    "PEFT_TYPE",
     "AdapterLoadError",
     "DataFormatError",
+    "OutputDirError",
+    "PEFT_TYPE",
     "PeftModelForSoftMixture",
     "QueryTooLongError",
+    "RelationDataError",
+    "RelationTrainer",
+    "ResumeError",
     "SoftMixtureConfig",
     "SoftMixtureInit",
     "SoftMixtureModel",
@@ -35,6 +47,10 @@ __all__ = [
     "SoftMixtureProcessor",
     "TemplateError",
     "TemplateSetError",
+    "TrainingArguments",
+    "TrainingDiverged",
+    "TrainingSetupError",
     "UnsupportedArchitectureError",
     "__version__",
+    "train_relation",
 ]

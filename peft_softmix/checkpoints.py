@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import publish_folder, write_json_atomic
+from .errors import ResumeError
 
 __all__ = [
     "ADAPTER_FILE",
@@ -52,10 +53,6 @@ STATE_FILE = "training_state.json"
 ADAPTER_FILE = "adapter_state.safetensors"
 FINGERPRINT_FILE = "fingerprint.json"
 RUN_FILE = "run.json"
-
-
-class ResumeError(ValueError):
-    """A checkpoint cannot continue this run: another run's, other settings, or a broken file (named)."""
 
 
 class TrainingState:

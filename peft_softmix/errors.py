@@ -1,4 +1,4 @@
-"""Every error peft_softmix raises on purpose, in one place (all are `ValueError`s: bad input, never a bug).
+"""Every error peft_softmix raises on purpose, in one place (bad input or a run that cannot go on, never a bug).
 
 Each is raised with a message that names the problem (the file and line, the template, the model type) and the fix.
 """
@@ -8,9 +8,14 @@ from __future__ import annotations
 __all__ = [
     "AdapterLoadError",
     "DataFormatError",
+    "OutputDirError",
     "QueryTooLongError",
+    "RelationDataError",
+    "ResumeError",
     "TemplateError",
     "TemplateSetError",
+    "TrainingDiverged",
+    "TrainingSetupError",
     "UnsupportedArchitectureError",
 ]
 
@@ -37,3 +42,23 @@ class TemplateSetError(ValueError):
 
 class DataFormatError(ValueError):
     """A data file that cannot be read as facts; the message names the file, the line and the problem."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot continue this run: another run's, other settings, or a broken file (named)."""
+
+
+class OutputDirError(OSError):
+    """The output folder cannot be written, or another run holds it."""
+
+
+class RelationDataError(ValueError):
+    """The facts, templates or vocabulary of a run cannot be used; the message says which and how to fix it."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being finite; the message names the step and the last good checkpoint."""
+
+
+class TrainingSetupError(ValueError):
+    """The run cannot train as asked on this machine (e.g. a mixed precision its device does not run)."""

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import OutputDirError
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; the folder is still checked writable
@@ -20,10 +22,6 @@ except ImportError:  # Windows: no flock; the folder is still checked writable
 __all__ = ["LOCK_FILE", "OutputDirError", "lock_output_dir"]
 
 LOCK_FILE = ".lock"
-
-
-class OutputDirError(OSError):
-    """The output folder cannot be written, or another run holds it."""
 
 
 @contextmanager

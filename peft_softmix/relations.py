@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .errors import RelationDataError
 from .facts import (
     SAMPLE_DIR,
     DataFormatError,
@@ -19,6 +20,7 @@ from .facts import (
     candidate_token_ids,
     facts_in_vocab,
     filter_single_token,
+    filter_unknown_subjects,
     list_relations,
     load_common_vocab,
     load_relation,
@@ -33,10 +35,6 @@ __all__ = [
     "load_relation_data",
     "resolve_relations",
 ]
-
-
-class RelationDataError(ValueError):
-    """The facts, templates or vocabulary of a run cannot be used; the message says which and how to fix it."""
 
 
 @dataclass
@@ -97,8 +95,9 @@ def load_relation_data(
 ) -> RelationData:
     """Read ``relation``'s splits from ``data_dir`` and its first ``num_templates`` templates of ``templates``.
 
-    Facts whose object is not one token of ``tokenizer`` (or, with ``common_words``, not one of those words) are
-    dropped and counted; ``max_train_samples`` / ``max_eval_samples`` keep the first N train / dev and test facts.
+    Facts whose object is not one token of ``tokenizer`` (or, with ``common_words``, not one of those words) or whose
+    subject the tokenizer reads as unknown tokens only are dropped and counted; ``max_train_samples`` /
+    ``max_eval_samples`` keep the first N train / dev and test facts.
     ``source_weights`` takes the template source's own weights as the mixture's start (LPAQA's ``weight``).
     """
     try:
@@ -111,6 +110,11 @@ def load_relation_data(
     for split, fact_split in splits.items():
         facts, dropped = filter_single_token(fact_split.facts, tokenizer)
         why = [f"{len(dropped)} objects not one token"] if dropped else []
+        # a subject the tokenizer reads as [UNK] only would get the same answers as every other such subject
+        facts, unreadable = filter_unknown_subjects(facts, tokenizer)
+        if unreadable:
+            shown = ", ".join(repr(fact.subject) for fact in unreadable[:3])
+            why.append(f"{len(unreadable)} subjects only unknown tokens, e.g. {shown}")
         if common_words is not None:
             facts, outside = facts_in_vocab(facts, common_words)
             if outside:

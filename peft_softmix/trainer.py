@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .batching import Collator, FactCollator, eval_dataloader, model_inputs, subject_lengths, train_dataloader
 from .checkpoints import TrainingState, as_json, load_checkpoint, save_checkpoint, start_run
 from .em import em_mixture_logits, em_posteriors, set_mixture_logits
+from .errors import TrainingDiverged, TrainingSetupError
 from .evaluation import EvalRanks, evaluate_ranks, precision_at_1
 from .facts import Fact
 from .training_args import TrainingArguments
@@ -76,14 +77,6 @@ class TrainResult:
     history: list[EpochLog]
     dev: EvalRanks
     test: EvalRanks
-
-
-class TrainingDiverged(RuntimeError):
-    """The training loss stopped being finite; the message names the step and the last good checkpoint."""
-
-
-class TrainingSetupError(ValueError):
-    """The run cannot train as asked on this machine (e.g. a mixed precision its device does not run)."""
 
 
 def check_mixed_precision(accelerator: Any) -> None:

@@ -451,6 +451,20 @@ def test_max_train_samples_reports_the_facts_really_kept(fx):
     assert "dev 4/17 (1 objects not one token) (12 beyond --max_eval_samples 4)" in data.notes
 
 
+def test_subjects_the_tokenizer_reads_as_unknown_only_are_left_out_and_counted(fx, tmp_path):
+    trex = tmp_path / "trex"
+    shutil.copytree(fx.trex / "P19", trex / "P19")
+    with open(trex / "P19" / "test.jsonl", "a", encoding="utf-8") as f:
+        for subject in ("\U0001f600", "\u00e9\u00e9\u00e9"):  # no piece of either is in the tiny vocabulary
+            f.write(json.dumps({"sub_label": subject, "obj_label": "Paris"}) + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(str(fx.model))
+    before = load_relation_data(fx.trex, "P19", tokenizer, "mined", 5, fx.root / "templates")
+    data = load_relation_data(trex, "P19", tokenizer, "mined", 5, fx.root / "templates")
+    assert data.splits["test"] == before.splits["test"]  # both left out, nothing else
+    assert "2 subjects only unknown tokens, e.g. '\U0001f600'" in data.notes
+    assert "unknown tokens" not in before.notes
+
+
 def test_mixed_precision_that_would_silently_run_in_fp32_is_refused():
     from peft_softmix.trainer import TrainingSetupError, check_mixed_precision
 
