@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterLoadError",
+    "ChecksumError",
     "DataFormatError",
     "QueryTooLongError",
     "TemplateError",
@@ -37,3 +38,7 @@ class TemplateSetError(ValueError):
 
 class DataFormatError(ValueError):
     """A data file that cannot be read as facts; the message names the file, the line and the problem."""
+
+
+class ChecksumError(ValueError):
+    """A downloaded file whose SHA-256 is not the pinned one; the message names the file, the URL and both hashes."""
