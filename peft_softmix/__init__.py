@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .config import PEFT_TYPE, SoftMixtureConfig, SoftMixtureInit  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterLoadError,
+    ChecksumError,
     DataFormatError,
     QueryTooLongError,
     TemplateError,
@@ -25,6 +26,7 @@ register()
 __all__ = [
     "PEFT_TYPE",
     "AdapterLoadError",
+    "ChecksumError",
     "DataFormatError",
     "PeftModelForSoftMixture",
     "QueryTooLongError",

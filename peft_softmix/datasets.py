@@ -1,21 +1,21 @@
 """The paper's data from its public sources: LAMA T-REx facts, LAMA and LPAQA templates, LAMA's common vocabulary.
 
 `download_trex` fetches the files pinned in ``peft_softmix/data/paper_data.json`` (URLs at fixed commits, each with
-its SHA-256), keeps them in a cache folder (`peft_softmix.download`), and lays them out as the loaders read them::
+its SHA-256), keeps them in a cache folder (`peft_softmix.download`), and lays them out as the loaders read them:
 
-    <root>/trex/<relation>/{train,dev,test}.jsonl    load_relation(root / "trex", "P19")
-    <root>/templates/lama.jsonl, lpaqa_mined.jsonl,  load_templates("mined", "P19", templates_dir=root / "templates")
-        lpaqa_paraphrase.jsonl, lpaqa_manual_paraphrase.jsonl
-    <root>/vocab/common_vocab_cased.txt              load_common_vocab(root / "vocab" / "common_vocab_cased.txt")
-    <root>/sources.json                              where each file came from, and its licence
+```text
+<root>/trex/<relation>/{train,dev,test}.jsonl    load_relation(root / "trex", "P19")
+<root>/templates/lama.jsonl, lpaqa_mined.jsonl,  load_templates("mined", "P19", templates_dir=root / "templates")
+    lpaqa_paraphrase.jsonl, lpaqa_manual_paraphrase.jsonl
+<root>/vocab/common_vocab_cased.txt              load_common_vocab(root / "vocab" / "common_vocab_cased.txt")
+<root>/sources.json                              the repositories, commits and licences the files came from
+```
 
 The T-REx split is AutoPrompt's (Shin et al. 2020; 41 relations; test = the LAMA T-REx test facts of Petroni et al.
 2019), as hiaoxui/soft-prompts (Qin & Eisner's code) keeps it: ``{"sub", "obj"}`` lines. LPAQA's per-relation
 template files are merged into one file per kind, each line with a ``relation`` field first.
 
-From the command line (prints where the data landed)::
-
-    python -m peft_softmix.datasets --root data/
+From the command line, which prints where the data landed: ``python -m peft_softmix.datasets --root data/``.
 """
 
 from __future__ import annotations
