@@ -161,12 +161,12 @@ class DataManifest:
             raise DataFormatError(f"{where}: 'outputs' is empty.")
         return cls(sources=sources, outputs=tuple(outputs))
 
-    def select(self, relations: Iterable[str] | None = None) -> list[DataOutput]:
+    def select(self, relations: str | Iterable[str] | None = None) -> list[DataOutput]:
         """The outputs for ``relations`` (all if None), plus every template and vocabulary file (all relations:
         they are small, and a later call for other relations must not find them cut down)."""
         if relations is None:
             return list(self.outputs)
-        wanted = list(dict.fromkeys(relations))
+        wanted = list(dict.fromkeys([relations] if isinstance(relations, str) else relations))
         unknown = [r for r in wanted if r not in self.relations]
         if unknown:
             raise ValueError(
@@ -246,7 +246,7 @@ class PaperData:
 
 def download_trex(
     root: str | os.PathLike | None = None,
-    relations: Sequence[str] | None = None,
+    relations: str | Sequence[str] | None = None,
     *,
     cache_dir: str | os.PathLike | None = None,
     base_url: str | None = None,

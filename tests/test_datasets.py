@@ -9,7 +9,10 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -22,7 +25,8 @@ from peft_softmix.errors import ChecksumError, DataFormatError
 from peft_softmix.facts import SAMPLE_DIR, list_relations, load_common_vocab, load_relation
 from peft_softmix.template_sets import load_templates
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
 
 FACTS = "acme/facts", "a" * 40
@@ -251,6 +255,11 @@ def test_relations_environment_and_default_root(server, tmp_path, monkeypatch):
     # templates always cover every relation, so a later call for others finds them whole
     assert load_templates("mined", "P17", templates_dir=data.templates_dir).templates
     assert not any("/P17/" in path for path in server.requests)
+    # one relation given as a string is that relation, not its characters
+    assert list_relations(download_trex(relations="P17", manifest=server.manifest, progress=False).trex_dir) == [
+        "P17",
+        "P19",
+    ]
     with pytest.raises(ValueError, match=r"Unknown T-REx relation\(s\) P999.*P17, P19"):
         download_trex(relations=["P999"], manifest=server.manifest, progress=False, offline=False)
 
@@ -280,6 +289,15 @@ def test_command_line(server, tmp_path, capsys, monkeypatch):
         main([*args, "--relations", "P1"])
     with pytest.raises(SystemExit, match="error: Offline mode is on"):
         main(["--root", str(tmp_path / "d2"), "--cache_dir", str(tmp_path / "empty"), "--offline"])
+
+
+def test_module_runs_as_a_command(tmp_path):
+    env = {**os.environ, "PEFT_SOFTMIX_CACHE": str(tmp_path / "empty"), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "peft_softmix.datasets", "--root", str(tmp_path / "d"), "--offline"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1
+    assert "error: Offline mode is on and 248 of 248 files are not in the cache" in result.stderr
+    assert str(tmp_path / "empty") in result.stderr and not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize(
