@@ -204,7 +204,10 @@ def _convert(output: DataOutput, cached: list[Path]) -> bytes:
             if output.convert == "lines_to_jsonl":
                 record: dict[str, Any] = {"template": line.strip()}
             else:
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataFormatError(f"{part.path}, line {lineno}: not valid JSON ({err.msg}).") from None
                 if not isinstance(record, dict):
                     raise DataFormatError(f"{part.path}, line {lineno}: expected a JSON object.")
             record.pop("relation", None)
@@ -282,9 +285,10 @@ def download_trex(
     base = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
     remote = {part.cache_path(cache): part for output in outputs for part in output.parts}
     items = [Download(part.url(base), part.sha256, dest, part.size) for dest, part in remote.items()]
+    command = f"python -m peft_softmix.datasets --root {root}" + (f" --cache_dir {cache}" if cache_dir else "")
     how = (
-        f"Run `python -m peft_softmix.datasets --root {root}` once with internet access (without offline mode), "
-        f"or set {CACHE_ENV} to a folder holding a copy of such a cache."
+        f"Run `{command}` once with internet access (without offline mode), or copy such a cache folder to "
+        f"{cache} ({CACHE_ENV} or --cache_dir chooses it)."
     )
     downloaded, cached = fetch_all(items, offline=offline_mode(offline), progress=progress, how_to_fetch=how)
     with atomic_folder(root) as staging:
