@@ -2,7 +2,8 @@
 
 Every method is trained on the train facts of each relation, picked by dev P@1 and scored on the test facts:
 
-- the paper's grid, through ``examples/train_trex.py`` (one training loop for the example and this benchmark):
+- the paper's grid, through the library's training loop (``peft_softmix.training.train_relation``, the loop of
+  ``examples/train_trex.py``):
   initialisation (``manual``, ``mined``, ``paraphrase``, ``random``) x (the hard prompt -> soft -> deep), as a
   single prompt and as a mixture of K. The manual mixture is LAMA's template plus LPAQA's manual paraphrases
   (``lpaqa_manual_paraphrase.jsonl``) where the templates folder has them, else plus LPAQA's paraphrases (the
@@ -10,7 +11,8 @@ Every method is trained on the train facts of each relation, picked by dev P@1 a
   source; ``random`` keeps the layout of the manual template (single) or of the K mined ones (mixture) and draws
   the vectors at random;
 - peers on the same facts: PEFT's own ``PROMPT_TUNING`` and ``P_TUNING`` (``--num_virtual_tokens`` virtual tokens
-  before the manual template, trained with the same optimiser, epochs and dev selection in a small loop below),
+  before the manual template), trained by the same loop (``peft_softmix.trainer.RelationTrainer``: the same
+  optimiser, batches, epochs and dev selection) through a small wrapper that scores the mask (`PeftPeer`),
   an OptiPrompt-style single soft prompt (manual init, K = 1: the grid's ``manual_soft`` run), and the LPAQA-style
   weighted ensemble of the K mined hard prompts (only the mixture weights trained);
 - the majority baseline: each relation's train objects ranked by frequency.
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import logging
 import math
@@ -49,42 +50,42 @@ from typing import Any
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # this checkout's peft_softmix, installed or not
 
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
 from peft import PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model  # noqa: E402
+from torch import nn  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader  # noqa: E402
-from transformers import AutoModelForMaskedLM, AutoTokenizer, set_seed  # noqa: E402
+from transformers import AutoModelForMaskedLM, AutoTokenizer  # noqa: E402
 
 import peft_softmix  # noqa: E402, F401  (registers SOFT_MIXTURE with PEFT)
-from peft_softmix.facts import SAMPLE_DIR, candidate_token_ids, load_common_vocab  # noqa: E402
-from peft_softmix.layers import find_backbone, gather_mask_positions  # noqa: E402
-from peft_softmix.metrics import load_fact_retrieval, rank_of_gold  # noqa: E402
+from peft_softmix import SoftMixtureConfig, SoftMixtureOutput  # noqa: E402
+from peft_softmix.architectures import find_backbone  # noqa: E402
+from peft_softmix.atomic import write_json_atomic  # noqa: E402
+from peft_softmix.batching import FactDataset, LengthGroupedSampler, subject_lengths  # noqa: E402
+from peft_softmix.facts import SAMPLE_DIR  # noqa: E402
+from peft_softmix.hooks import gather_mask_positions  # noqa: E402
+from peft_softmix.metrics import load_fact_retrieval  # noqa: E402
+from peft_softmix.relations import (  # noqa: E402
+    RelationData,
+    candidate_mask,
+    drop_long_queries,
+    load_relation_data,
+    resolve_relations,
+)
+from peft_softmix.results import results_document, row_labels, write_results  # noqa: E402
 from peft_softmix.template_sets import TemplateSetError, load_templates  # noqa: E402
 from peft_softmix.tokenization import encode_query, object_token_id, template_layout  # noqa: E402
-from peft_softmix.training import (  # noqa: E402
-    FactDataset,
-    LengthGroupedSampler,
-    precision_at_1,
-    subject_lengths,
-    write_json_atomic,
-)
+from peft_softmix.trainer import RelationTrainer  # noqa: E402
+from peft_softmix.training import train_relation, trained_label  # noqa: E402
+from peft_softmix.training_args import TrainingArguments  # noqa: E402
 
-
-def load_example():
-    """``examples/train_trex.py`` as a module: its ``main(argv)`` trains every setting of the grid."""
-    spec = importlib.util.spec_from_file_location("train_trex", REPO_ROOT / "examples" / "train_trex.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_trex"] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-train_trex = load_example()
+DEFAULT_MODEL = REPO_ROOT / "examples" / "probe_lm"
+DEFAULT_COMMON_VOCAB = SAMPLE_DIR / "vocab" / "common_vocab_cased.txt"
 
 INITS = ("manual", "mined", "paraphrase", "random")
 PEFT_PEERS = ("peft_prompt_tuning", "peft_p_tuning")
-# The example runs on Accelerate's device; the peers' own loop follows it (a GPU when there is one).
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The per-relation table: the baselines, the paper's main rows and the peers.
 PER_RELATION_COLUMNS = [
     "majority", "manual", "mined_hard_mixture", "manual_soft", "random_soft", "soft_mixture", "soft_mixture_deep",
@@ -92,15 +93,15 @@ PER_RELATION_COLUMNS = [
 ]  # fmt: skip
 
 
-# -- the settings trained through the example ----------------------------------------------------------------------
+# -- the settings of the grid ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One run of ``examples/train_trex.py``: what it trains and which method names its rows give."""
+    """One training run over the relations: what it trains and which method names its rows give."""
 
     name: str  # the method name of its trained row
-    templates: str  # --templates
+    templates: str  # the template source
     num_templates: int
     init: str = "template"
     deep: bool = False
@@ -149,33 +150,59 @@ def grid_settings(args: argparse.Namespace, relations: list[str]) -> list[Settin
     return settings
 
 
-def example_argv(args: argparse.Namespace, setting: Setting, output_dir: Path) -> list[str]:
-    argv = [
-        "--model_name_or_path", args.model_name_or_path,
-        "--data_dir", args.data_dir,
-        "--templates_dir", args.templates_dir,
-        "--relations", args.relations,
-        "--templates", setting.templates,
-        "--num_templates", str(setting.num_templates),
-        "--init", setting.init,
-        "--output_dir", str(output_dir),
-        "--learning_rate", str(args.learning_rate),
-        "--num_train_epochs", str(args.num_train_epochs),
-        "--patience", str(args.patience),
-        "--per_device_train_batch_size", str(args.batch_size),
-        "--per_device_eval_batch_size", str(args.eval_batch_size),
-        "--seed", str(args.seed),
-    ]  # fmt: skip
-    if setting.deep:
-        argv.append("--deep")
-    if setting.freeze_prompts:
-        argv.append("--freeze_prompts")
-    if args.common_vocab is not None:
-        argv += ["--common_vocab", args.common_vocab]
-    for flag in ("max_train_samples", "max_eval_samples"):
-        if getattr(args, flag) is not None:
-            argv += [f"--{flag}", str(getattr(args, flag))]
-    return argv
+def training_arguments(args: argparse.Namespace) -> TrainingArguments:
+    return TrainingArguments(
+        learning_rate=args.learning_rate,
+        num_train_epochs=args.num_train_epochs,
+        patience=args.patience,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size,
+        seed=args.seed,
+    )
+
+
+def relation_data(args: argparse.Namespace, relation: str, tokenizer, templates: str, k: int, words) -> RelationData:
+    return load_relation_data(
+        args.data_dir,
+        relation,
+        tokenizer,
+        templates,
+        k,
+        args.templates_dir,
+        common_words=words,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+    )
+
+
+def run_setting(
+    args: argparse.Namespace, setting: Setting, relations: list[str], accelerator, words, candidates, run_dir: Path
+) -> dict[str, Any]:
+    """Train ``setting`` on every relation with the library's loop, as ``examples/train_trex.py`` does; its
+    results document (also written to ``run_dir``)."""
+    training = training_arguments(args)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    base = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path).to(accelerator.device)
+    outcomes, label = [], ""
+    for relation in relations:
+        data = relation_data(args, relation, tokenizer, setting.templates, setting.num_templates, words)
+        set_seed(args.seed)
+        config = SoftMixtureConfig(
+            templates=data.templates,
+            tokenizer_name_or_path=args.model_name_or_path,
+            base_model_name_or_path=args.model_name_or_path,
+            init=setting.init,
+            deep=setting.deep,
+            train_prompts=not setting.freeze_prompts,
+            seed=args.seed,
+        )
+        model = get_peft_model(base, config).to(accelerator.device)
+        data, _ = drop_long_queries(model, data)
+        outcomes.append(train_relation(model, data, training, accelerator, candidate_mask=candidates))
+        label = trained_label(config, training)
+    results = results_document(outcomes, row_labels(setting.templates, label), {"setting": vars(setting)})
+    write_results(run_dir, results, f"# {setting.name} on {args.data_dir}")
+    return results
 
 
 @contextlib.contextmanager
@@ -190,17 +217,18 @@ def quiet(log_path: Path, verbose: bool):
 
 
 def scores_of(results: dict[str, Any], row: str) -> dict[str, Any]:
-    """One row of an example ``results.json``: overall micro/macro and per-relation test scores."""
+    """One row of a results document: overall micro/macro and per-relation test scores."""
     overall = dict(results["overall"]["test"][row])
     per_relation = {rel: dict(entry["test"][row]) for rel, entry in results["relations"].items()}
     return {"overall": overall, "per_relation": per_relation}
 
 
-# -- peers trained here: PEFT's prompt tuning and P-tuning before the manual template ------------------------------
+# -- peers: PEFT's prompt tuning and P-tuning before the manual template, trained by the same loop -----------------
 
 
 class ManualTemplateCollator:
-    """Facts filled into one hard template, padded per batch; the mask position is where the base model sees it."""
+    """Facts filled into one hard template and padded by the tokenizer; the mask position is where the base model
+    sees it (after PEFT's virtual tokens)."""
 
     def __init__(self, tokenizer, template: str, facts: list, num_virtual_tokens: int):
         self.tokenizer = tokenizer
@@ -210,21 +238,14 @@ class ManualTemplateCollator:
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         queries = [encode_query(self.tokenizer, self.layout, self.facts[i].subject) for i in indices]
-        if any(q.input_ids[q.mask_position] != self.tokenizer.mask_token_id for q in queries):
-            raise RuntimeError(f"encode_query put the mask elsewhere for template {self.layout.template!r}.")
-        T = max(len(q.input_ids) for q in queries)
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(queries), T), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(queries), T), dtype=torch.long)
-        for row, q in enumerate(queries):
-            input_ids[row, : len(q.input_ids)] = torch.tensor(q.input_ids)
-            attention_mask[row, : len(q.input_ids)] = 1
+        batch = self.tokenizer.pad({"input_ids": [q.input_ids for q in queries]}, return_tensors="pt")
         labels = [object_token_id(self.tokenizer, self.facts[i].object) for i in indices]
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
             "mask_positions": torch.tensor([q.mask_position + self.shift for q in queries]),
             "labels": torch.tensor(labels),
+            "index": torch.tensor(indices, dtype=torch.long),
         }
 
 
@@ -244,90 +265,80 @@ def peer_config(name: str, num_virtual_tokens: int, token_dim: int):
     )
 
 
-def mask_logits(model, batch: dict[str, torch.Tensor], head_at_mask_only: bool) -> torch.Tensor:
-    """``[B, V]`` logits at the mask. The LM head can run at the mask alone (as it does in our adapter), so that the
-    peers are not slowed by a head over every position; `train_peer` checks once that this is exact."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    backbone = find_backbone(model.get_base_model())
-    if head_at_mask_only and backbone is not None:
-        with gather_mask_positions(backbone, batch["mask_positions"]):
-            return model(**inputs).logits[:, 0]
-    logits = model(**inputs).logits
-    return logits[torch.arange(len(logits)), batch["mask_positions"]]
+class PeftPeer(nn.Module):
+    """A PEFT prompt-learning model asked at the mask: its forward returns ``loss`` and ``log_probs`` as ours does,
+    so that `RelationTrainer` trains and scores it like a mixture (its trainable parameters are the prompt's).
+
+    The candidate mask (LAMA's common vocabulary) applies to training as well as evaluation. The LM head can run at
+    the mask alone (as it does in our adapter), so that the peers are not slowed by a head over every position;
+    `use_head_at_mask_only` checks once that this is exact.
+    """
+
+    def __init__(self, peft_model, candidate_mask: torch.Tensor | None):
+        super().__init__()
+        self.peft_model = peft_model
+        self.register_buffer("candidate_mask", candidate_mask, persistent=False)
+        self.head_at_mask_only = False
+
+    def mask_logits(self, input_ids, attention_mask, mask_positions, head_at_mask_only: bool) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        backbone = find_backbone(self.peft_model.get_base_model())
+        if head_at_mask_only and backbone is not None:
+            with gather_mask_positions(backbone, mask_positions):
+                return self.peft_model(**inputs).logits[:, 0]
+        logits = self.peft_model(**inputs).logits
+        return logits[torch.arange(len(logits)), mask_positions]
+
+    @torch.no_grad()
+    def use_head_at_mask_only(self, batch: dict[str, torch.Tensor]) -> bool:
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "mask_positions")]
+        full = self.mask_logits(*inputs, head_at_mask_only=False)
+        if find_backbone(self.peft_model.get_base_model()) is not None:
+            self.head_at_mask_only = torch.allclose(self.mask_logits(*inputs, True), full, atol=1e-4, rtol=1e-4)
+        self.train(was_training)
+        return self.head_at_mask_only
+
+    def forward(self, input_ids, attention_mask, mask_positions, labels=None, **unused) -> SoftMixtureOutput:
+        logits = self.mask_logits(input_ids, attention_mask, mask_positions, self.head_at_mask_only).float()
+        if self.candidate_mask is not None:
+            logits = logits.masked_fill(~self.candidate_mask, float("-inf"))
+        log_probs = torch.log_softmax(logits, dim=-1)
+        loss = None if labels is None else -log_probs.gather(1, labels.unsqueeze(1)).mean()
+        return SoftMixtureOutput(loss=loss, log_probs=log_probs)
 
 
-def peer_log_probs(model, batch: dict[str, torch.Tensor], candidate_mask: torch.Tensor | None) -> torch.Tensor:
-    batch = {key: value.to(DEVICE) for key, value in batch.items()}
-    logits = mask_logits(model, batch, model.head_at_mask_only).float()
-    if candidate_mask is not None:
-        logits = logits.masked_fill(~candidate_mask, float("-inf"))
-    return torch.log_softmax(logits, dim=-1)
-
-
-@torch.no_grad()
-def peer_ranks(model, loader, candidate_mask) -> torch.Tensor:
-    model.eval()
-    ranks = [
-        rank_of_gold(peer_log_probs(model, b, candidate_mask), b["labels"].to(DEVICE), candidate_mask) for b in loader
-    ]
-    return torch.cat(ranks).cpu()
-
-
-def train_peer(name: str, args: argparse.Namespace, data, tokenizer, candidate_mask) -> torch.Tensor:
-    """Train one PEFT peer on one relation as the example trains ours (Adam, best dev P@1, patience); test ranks."""
+def train_peer(
+    name: str, args: argparse.Namespace, data: RelationData, tokenizer, candidates, accelerator
+) -> torch.Tensor:
+    """Train one PEFT peer on one relation with the library's loop (Adam, best dev P@1, patience); test ranks."""
     set_seed(args.seed)
     base = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path)
     token_dim = base.get_input_embeddings().embedding_dim
-    model = get_peft_model(base, peer_config(name, args.num_virtual_tokens, token_dim)).to(DEVICE)
-    if candidate_mask is not None:
-        candidate_mask = candidate_mask.to(DEVICE)
+    peer = get_peft_model(base, peer_config(name, args.num_virtual_tokens, token_dim))
+    model = PeftPeer(peer, candidates).to(accelerator.device)
     template = data.templates[0]
 
-    samplers: dict[str, LengthGroupedSampler] = {}
+    def collator(facts):
+        return ManualTemplateCollator(tokenizer, template, list(facts), args.num_virtual_tokens)
 
-    def loader(split: str, shuffle: bool) -> DataLoader:
-        facts = data.splits[split]
-        collate = ManualTemplateCollator(tokenizer, template, facts, args.num_virtual_tokens)
-        size = args.batch_size if shuffle else args.eval_batch_size
-        sampler = LengthGroupedSampler(subject_lengths(tokenizer, facts), size, shuffle=shuffle, seed=args.seed)
-        samplers[split] = sampler
-        return DataLoader(FactDataset(facts), batch_sampler=BatchSampler(sampler, size, False), collate_fn=collate)
-
-    train, dev, test = loader("train", True), loader("dev", False), loader("test", False)
-    model.eval()
-    with torch.no_grad():
-        probe = {key: value.to(DEVICE) for key, value in next(iter(dev)).items()}
-        full = mask_logits(model, probe, head_at_mask_only=False)
-        model.head_at_mask_only = find_backbone(base) is not None
-        if model.head_at_mask_only:
-            model.head_at_mask_only = torch.allclose(mask_logits(model, probe, True), full, atol=1e-4, rtol=1e-4)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=args.learning_rate)
-
-    def snapshot() -> list[torch.Tensor]:
-        return [p.detach().clone() for p in trainable]
-
-    best_p1, best, bad_epochs = precision_at_1(peer_ranks(model, dev, candidate_mask)), snapshot(), 0
-    for epoch in range(1, args.num_train_epochs + 1):
-        model.train()
-        samplers["train"].set_epoch(epoch)
-        for batch in train:
-            log_probs = peer_log_probs(model, batch, candidate_mask)
-            loss = -log_probs.gather(1, batch["labels"].to(DEVICE).unsqueeze(1)).mean()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        dev_p1 = precision_at_1(peer_ranks(model, dev, candidate_mask))
-        if dev_p1 > best_p1:
-            best_p1, best, bad_epochs = dev_p1, snapshot(), 0
-        else:
-            bad_epochs += 1
-            if bad_epochs >= args.patience:
-                break
-    with torch.no_grad():
-        for param, value in zip(trainable, best):
-            param.copy_(value)
-    return peer_ranks(model, test, candidate_mask)
+    # the first evaluation batch decides whether the head may run at the mask only
+    dev = data.splits["dev"]
+    sampler = LengthGroupedSampler(subject_lengths(tokenizer, dev), args.eval_batch_size, shuffle=False)
+    probe = DataLoader(FactDataset(dev), batch_sampler=BatchSampler(sampler, args.eval_batch_size, False))
+    model.use_head_at_mask_only(collator(dev)(next(iter(probe))))
+    trainer = RelationTrainer(
+        model,
+        data.splits,
+        training_arguments(args),
+        accelerator,
+        name=f"{name} {data.relation}",
+        tokenizer=tokenizer,
+        collator=collator,
+    )
+    return trainer.train().test.mixture
 
 
 def majority_ranks(data) -> torch.Tensor:
@@ -346,15 +357,6 @@ def scores_from_ranks(metric, ranks_by_relation: dict[str, torch.Tensor]) -> dic
     result = metric.compute(ranks=ranks, relations=relations)
     per_relation = {rel: dict(s) for rel, s in result.pop("per_relation").items()}
     return {"overall": result, "per_relation": per_relation}
-
-
-def candidate_mask_for(args: argparse.Namespace, tokenizer, vocab_size: int) -> tuple[set[str] | None, Any]:
-    if args.common_vocab is None:
-        return None, None
-    words = load_common_vocab(args.common_vocab)
-    mask = torch.zeros(vocab_size, dtype=torch.bool)
-    mask[candidate_token_ids(tokenizer, words).token_ids] = True
-    return set(words), mask
 
 
 # -- tables ------------------------------------------------------------------------------------------------------
@@ -451,7 +453,7 @@ def check_targets(macro: dict[str, float]) -> list[dict[str, Any]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_name_or_path", default=str(train_trex.DEFAULT_MODEL))
+    parser.add_argument("--model_name_or_path", default=str(DEFAULT_MODEL))
     parser.add_argument("--data_dir", default=str(SAMPLE_DIR / "trex"))
     parser.add_argument("--templates_dir", default=str(SAMPLE_DIR / "templates"))
     parser.add_argument("--relations", default="all", help="'all' or comma-separated relation ids.")
@@ -459,7 +461,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--common_vocab",
         nargs="?",
-        const=str(train_trex.DEFAULT_COMMON_VOCAB),
+        const=str(DEFAULT_COMMON_VOCAB),
         default=None,
         help="Rank over LAMA's common vocabulary (the paper's setting for BERT); optionally the word list's path.",
     )
@@ -484,9 +486,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_train_epochs = 2 if args.quick else 4
     if args.quick and args.max_eval_samples is None:
         args.max_eval_samples = 300
-    if not Path(args.model_name_or_path).exists() and args.model_name_or_path == str(train_trex.DEFAULT_MODEL):
+    if not Path(args.model_name_or_path).exists() and args.model_name_or_path == str(DEFAULT_MODEL):
         parser.error(
-            f"The probe LM is not at {train_trex.DEFAULT_MODEL}; build it with scripts/build_probe_lm.py or pass "
+            f"The probe LM is not at {DEFAULT_MODEL}; build it with scripts/build_probe_lm.py or pass "
             "--model_name_or_path."
         )
     return args
@@ -498,9 +500,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     start = time.time()
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    relations = train_trex.resolve_relations(
-        train_trex.parse_args(["--data_dir", args.data_dir, "--relations", args.relations])
-    )
+    relations = resolve_relations(args.data_dir, args.relations)
+    accelerator = Accelerator()
     metric = load_fact_retrieval(keep_in_memory=True)
     methods: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
@@ -510,16 +511,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         macro = methods[name]["overall"]["macro_p@1"] if name in methods else math.nan
         print(f"[{time.time() - start:7.0f}s] {name:<28} macro P@1 {pct(macro):>5}  ({seconds:.0f}s)", flush=True)
 
-    # majority baseline and the PEFT peers, on the facts the example keeps (one-token objects, common vocab)
-    manual_args = train_trex.parse_args(example_argv(args, Setting("manual", "manual", 1), out / "runs" / "peers"))
-    vocab_size = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path).get_input_embeddings().num_embeddings
-    common_words, candidate_mask = candidate_mask_for(args, tokenizer, vocab_size)
-    data = {rel: train_trex.load_relation_data(manual_args, rel, tokenizer, common_words) for rel in relations}
+    # majority baseline and the PEFT peers, on the facts the grid keeps (one-token objects, common vocab)
+    common_words = candidates = None
+    if args.common_vocab is not None:
+        vocab_size = (
+            AutoModelForMaskedLM.from_pretrained(args.model_name_or_path).get_input_embeddings().num_embeddings
+        )
+        common_words, candidates, _ = candidate_mask(tokenizer, args.common_vocab, vocab_size)
+    data = {rel: relation_data(args, rel, tokenizer, "manual", 1, common_words) for rel in relations}
     methods["majority"] = scores_from_ranks(metric, {rel: majority_ranks(d) for rel, d in data.items()})
     for name in PEFT_PEERS:
         t0 = time.time()
         with quiet(out / "runs" / name / "log.txt", args.verbose):
-            ranks = {rel: train_peer(name, args, d, tokenizer, candidate_mask) for rel, d in data.items()}
+            ranks = {rel: train_peer(name, args, d, tokenizer, candidates, accelerator) for rel, d in data.items()}
         methods[name] = scores_from_ranks(metric, ranks)
         timings[name] = time.time() - t0
         progress(name, timings[name])
@@ -528,7 +532,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         t0 = time.time()
         run_dir = out / "runs" / setting.name
         with quiet(run_dir / "log.txt", args.verbose):
-            results = train_trex.main(example_argv(args, setting, run_dir))
+            results = run_setting(args, setting, relations, accelerator, common_words, candidates, run_dir)
         methods[setting.name] = scores_of(results, "soft")
         if setting.hard_first:
             methods[setting.hard_first] = scores_of(results, "hard_first")

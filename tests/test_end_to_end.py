@@ -1,19 +1,22 @@
 """End to end on the probe LM: trained soft prompts answer held-out test facts better than LAMA's manual template.
 
-Runs ``examples/train_trex.py``'s ``main`` (the README's command) on a few relations of the shipped sample. The probe
-LM knows every fact of its relations but never saw the manual template, so the manual prompt is a plausible but
-imperfect question, as for BERT. Each assertion compares scores measured in the same run, so none can pass on a
-model that cannot learn: the untrained adapter (hard templates, or random vectors) is the bar the trained one has
-to clear, and the mixture weights must have moved off uniform.
+Runs ``examples/train_trex.py`` (the README's command, as a subprocess) on a few relations of the shipped sample.
+The probe LM knows every fact of its relations but never saw the manual template, so the manual prompt is a
+plausible but imperfect question, as for BERT. Each assertion compares scores measured in the same run, so none can
+pass on a model that cannot learn: the untrained adapter (hard templates, or random vectors) is the bar the trained
+one has to clear, and the mixture weights must have moved off uniform.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE_DIR = REPO / "examples" / "probe_lm"
@@ -42,9 +45,14 @@ SHORT_RUN = [
 CLEAR_MARGIN = 0.15  # absolute macro P@1 over the manual template
 
 
-@pytest.fixture(scope="module")
-def train_trex():
-    return load_script(REPO / "examples" / "train_trex.py")
+def train_trex(argv: list[str], output_dir: Path) -> dict:
+    """Run the script as a user does and return its results.json."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    cmd = [sys.executable, str(REPO / "examples" / "train_trex.py"), *argv, "--output_dir", str(output_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((output_dir / "results.json").read_text())
 
 
 def macro_p1(results: dict, row: str) -> float:
@@ -62,11 +70,9 @@ def majority_p1(relation: str) -> float:
     return sum(f.object == top for f in test) / len(test)
 
 
-def test_soft_mixture_beats_the_manual_template(train_trex, tmp_path):
+def test_soft_mixture_beats_the_manual_template(tmp_path):
     # K=3: LAMA's manual template first, then two LPAQA mined ones; "hard_first" is the manual template itself
-    results = train_trex.main(
-        [*SHORT_RUN, "--templates", "manual+mined", "--num_templates", "3", "--output_dir", str(tmp_path)]
-    )
+    results = train_trex([*SHORT_RUN, "--templates", "manual+mined", "--num_templates", "3"], tmp_path)
     manual = macro_p1(results, "hard_first")
     untrained = macro_p1(results, "hard_mixture")  # the same adapter before training: hard templates, uniform
     trained = macro_p1(results, "soft")
@@ -84,10 +90,10 @@ def test_soft_mixture_beats_the_manual_template(train_trex, tmp_path):
         assert entry["best_epoch"] >= 1, (relation, entry["history"])
 
 
-def test_random_init_soft_prompt_gets_there_too(train_trex, tmp_path):
+def test_random_init_soft_prompt_gets_there_too(tmp_path):
     # one soft prompt with the manual template's layout but random vectors: all it knows comes from training
-    argv = ["--templates", "manual", "--num_templates", "1", "--init", "random", "--output_dir", str(tmp_path)]
-    results = train_trex.main([*SHORT_RUN, *argv])
+    argv = ["--templates", "manual", "--num_templates", "1", "--init", "random"]
+    results = train_trex([*SHORT_RUN, *argv], tmp_path)
     manual = macro_p1(results, "hard_first")
     trained = macro_p1(results, "soft")
     assert trained >= manual + CLEAR_MARGIN, (manual, trained)

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import save_tiny_bert, two_process_launch
+from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "train_trex.py"
@@ -36,9 +37,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SCRIPT.is_file(), reason=
 WRAPPER = r"""
 import os, runpy, sys, time
 import torch
-import peft_softmix.training as training
+import peft_softmix.trainer as trainer
 
-real_model_inputs = training.model_inputs
+real_model_inputs = trainer.model_inputs
 seen = 0
 
 def model_inputs(batch):
@@ -53,7 +54,7 @@ def model_inputs(batch):
                 time.sleep(600)
     return real_model_inputs(batch)
 
-training.model_inputs = model_inputs  # the script imports it from here
+trainer.model_inputs = model_inputs  # the library's training loop calls it from here
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -131,8 +132,8 @@ def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def checkpoint_adapter(out: Path, epoch: int) -> dict[str, torch.Tensor]:
-    path = out / "P19" / "checkpoints" / f"epoch_{epoch}" / "custom_checkpoint_0.pkl"
-    return torch.load(path, weights_only=False)["adapter"]  # our own test file: Accelerate pickles custom state
+    path = out / "P19" / "checkpoints" / f"epoch_{epoch}" / "adapter_state.safetensors"
+    return {k.split(".", 1)[1]: v for k, v in load_file(path).items() if k.startswith("adapter.")}
 
 
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(fx, tmp_path):
@@ -155,7 +156,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(fx, tmp_p
         time.sleep(0.2)
     killed.send_signal(signal.SIGKILL)
     assert killed.wait(timeout=60) == -signal.SIGKILL
-    checkpoints = sorted(p.name for p in (resumed / "P19" / "checkpoints").iterdir() if not p.name.startswith("."))
+    checkpoints = sorted(p.name for p in (resumed / "P19" / "checkpoints").glob("epoch_*"))
     assert checkpoints == ["epoch_1"]  # killed in epoch 2: nothing after the first checkpoint
     assert not (resumed / "P19" / "adapter").exists()
 

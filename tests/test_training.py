@@ -1,4 +1,4 @@
-"""Unit tests of peft_softmix.training: batching, EM, evaluation ranks and the results writers."""
+"""Unit tests of the training loop's parts: batching, EM, evaluation ranks and the results writers."""
 
 from __future__ import annotations
 
@@ -17,22 +17,13 @@ from transformers import BertForMaskedLM
 
 import peft_softmix  # noqa: F401
 from peft_softmix import SoftMixtureConfig
+from peft_softmix.atomic import write_json_atomic
+from peft_softmix.batching import FactCollator, FactDataset, LengthGroupedSampler, model_inputs, subject_lengths
+from peft_softmix.em import em_mixture_logits, em_posteriors
+from peft_softmix.evaluation import evaluate_ranks, precision_at_1
 from peft_softmix.facts import Fact
 from peft_softmix.metrics import rank_of_gold
-from peft_softmix.training import (
-    FactCollator,
-    FactDataset,
-    LengthGroupedSampler,
-    em_mixture_logits,
-    em_posteriors,
-    evaluate_ranks,
-    model_inputs,
-    plot_mixture_weights,
-    precision_at_1,
-    results_markdown,
-    subject_lengths,
-    write_json_atomic,
-)
+from peft_softmix.results import plot_mixture_weights, results_markdown
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "was", "born", "in", "is", "from", ".", "the", "city", "of"]
 NAMES = ["Anna", "Bruno", "Carla", "Dario", "Elena"]
@@ -259,3 +250,13 @@ def test_write_json_atomic_leaves_an_ordinary_file(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+
+def test_the_old_import_path_still_gives_the_same_objects():
+    # peft_softmix.training held these before the loop's parts got modules of their own; code importing them from
+    # there keeps working
+    from peft_softmix import atomic, batching, evaluation, training
+
+    assert training.FactCollator is batching.FactCollator
+    assert training.evaluate_ranks is evaluation.evaluate_ranks
+    assert training.write_json_atomic is atomic.write_json_atomic

@@ -1,0 +1,45 @@
+"""Fitting the mixture weights by EM (the paper's reference procedure) instead of by gradient.
+
+Each training batch adds its E-step posteriors p(k | x, y) to a running sum; at the end of the epoch the M-step sets
+the mixture weights to the normalised sums (`set_mixture_logits` writes them through PEFT's public state-dict API).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+from .processing import IGNORE_INDEX
+
+__all__ = ["em_mixture_logits", "em_posteriors", "set_mixture_logits"]
+
+
+def em_posteriors(template_log_probs: torch.Tensor, log_weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """E-step: ``[B, K]`` posterior of each template given each fact, p(k | x, y) ∝ pi_k p_k(y | x).
+
+    Rows whose label is -100 (no single-token object) are all zero, so they add nothing to the M-step's sums.
+    """
+    keep = labels != IGNORE_INDEX
+    gold_ids = torch.where(keep, labels, torch.zeros_like(labels))
+    B, K, _ = template_log_probs.shape
+    gold = template_log_probs.gather(2, gold_ids.view(B, 1, 1).expand(B, K, 1)).squeeze(2)
+    posterior = torch.softmax(gold.float() + log_weights.float().view(1, K), dim=1)
+    return posterior * keep.unsqueeze(1).to(posterior.dtype)
+
+
+def em_mixture_logits(posterior_sum: torch.Tensor, floor: float = 1e-8) -> torch.Tensor:
+    """M-step: the new mixture logits, log of the normalised posterior sums (floored so no template dies forever)."""
+    total = posterior_sum.sum()
+    if not torch.isfinite(total) or total <= 0:
+        raise ValueError("EM M-step got no posterior mass (no fact with a single-token object in the epoch).")
+    weights = (posterior_sum / total).clamp(min=floor)
+    return torch.log(weights / weights.sum())
+
+
+def set_mixture_logits(model, logits: torch.Tensor) -> None:
+    """Give the active adapter of a `PeftModelForSoftMixture` these mixture logits (its soft words stay)."""
+    state = dict(get_peft_model_state_dict(model))
+    if "mixture_logits" not in state:
+        raise ValueError(f"{type(model).__name__} has no mixture logits; EM fits the weights of a soft mixture.")
+    state["mixture_logits"] = logits.detach()
+    set_peft_model_state_dict(model, state)
