@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .config import PEFT_TYPE, SoftMixtureConfig, SoftMixtureInit  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterLoadError,
+    ChecksumError,
     DataFormatError,
     OutputDirError,
     QueryTooLongError,
@@ -32,6 +33,7 @@ register()
 
 __all__ = [
     "AdapterLoadError",
+    "ChecksumError",
     "DataFormatError",
     "OutputDirError",
     "PEFT_TYPE",

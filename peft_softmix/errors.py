@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterLoadError",
+    "ChecksumError",
     "DataFormatError",
     "OutputDirError",
     "QueryTooLongError",
@@ -62,3 +63,7 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingSetupError(ValueError):
     """The run cannot train as asked on this machine (e.g. a mixed precision its device does not run)."""
+
+
+class ChecksumError(ValueError):
+    """A downloaded file whose SHA-256 is not the pinned one; the message names the file, the URL and both hashes."""
