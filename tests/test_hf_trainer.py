@@ -158,3 +158,36 @@ def test_metrics_rank_the_gold_object_and_count_what_they_cannot_score(model):
         metrics.compute_metrics(SimpleNamespace(predictions=out.log_probs.numpy(), label_ids=None))
     with pytest.raises(ValueError, match="None of the 1 evaluation facts"):
         metrics.compute_metrics(SimpleNamespace(predictions=np.array([0]), label_ids=None))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="transformers.Trainer passes num_items_in_batch to the forward (the base model's forward takes **kwargs) "
+    "and then does not divide the loss by gradient_accumulation_steps; PeftModelForSoftMixture.forward must return "
+    "sum(nll) / num_items_in_batch when given it. Remove this mark when it does.",
+)
+def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(tiny_dir, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    rows = FactRows([Fact(s, o) for s, o in PAIRS[:4]] * 2)
+    steps = {}
+    for accumulation, batch_size in ((1, 8), (2, 4)):
+        model = get_peft_model(
+            AutoModelForMaskedLM.from_pretrained(str(tiny_dir)), SoftMixtureConfig(templates=TEMPLATES)
+        )
+        before = model.prompt_encoder["default"].soft_words.detach().clone()
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(accumulation)),
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=0.1,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            max_grad_norm=1e9,
+            report_to=[],
+            use_cpu=True,
+        )
+        Trainer(model=model, args=args, train_dataset=rows, data_collator=SoftMixtureDataCollator(model)).train()
+        steps[accumulation] = model.prompt_encoder["default"].soft_words.detach() - before
+    torch.testing.assert_close(steps[2], steps[1], rtol=1e-4, atol=1e-7)
