@@ -97,7 +97,15 @@ def load_adapter_model(
     _check_adapter_source(adapter)
     options: dict[str, Any] = {"trust_remote_code": False}
     if base is None:
-        config = SoftMixtureConfig.from_pretrained(adapter)
+        try:
+            config = SoftMixtureConfig.from_pretrained(adapter)
+        except (OSError, ValueError) as problem:
+            if os.path.isdir(adapter):
+                raise
+            raise CliError(
+                f"{adapter} is not a local folder, and as a Hub id its adapter_config.json cannot be fetched "
+                f"({problem}). Check the name, your connection and HF_HUB_OFFLINE."
+            ) from None
         base = config.base_model_name_or_path
         if not base:
             raise CliError(f"The adapter {adapter} names no base model; pass --base MODEL (a folder or Hub id).")

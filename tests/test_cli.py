@@ -140,6 +140,12 @@ def test_a_bad_line_in_the_facts_file_is_one_error_line_without_traceback(fx, tm
     assert "Error:" in proc.stderr and f"{bad}, line 2: not valid JSON" in " ".join(proc.stderr.split())
 
 
+def test_an_unknown_hub_id_offline_is_a_clear_error():
+    proc = cli("ask", "someone/no-such-adapter", "Dante")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "someone/no-such-adapter is not a local folder, and as a Hub id" in " ".join(proc.stderr.split())
+
+
 # -- in-process: the human output and bad input -------------------------------------------------------------------
 
 
