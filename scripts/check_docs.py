@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Pages whose examples are complete programs (the API pages show fragments that need a trained model around them).
-PAGES = ("docs/index.md", "docs/quickstart.md", "README.md")
+PAGES = ("docs/index.md", "docs/quickstart.md", "docs/trainer.md", "README.md")
 MODEL_NAME = "bert-base-cased"
 OFFLINE = {
     "HF_HUB_OFFLINE": "1",

@@ -104,3 +104,12 @@ def test_wheel_version_is_the_package_version(names: set[str], wheel: Path) -> N
     # the registration code uses PEFT internals, so the wheel must keep the upper bound on PEFT
     peft = [r for r in metadata.get_all("Requires-Dist") or [] if re.match(r"peft\s*[<>=!~]", r)]
     assert len(peft) == 1 and "<" in peft[0], peft
+
+
+def test_wheel_installs_the_command_line(wheel: Path) -> None:
+    version = _source_version()
+    with zipfile.ZipFile(wheel) as archive:
+        entry_points = archive.read(f"peft_softmix-{version}.dist-info/entry_points.txt").decode("utf-8")
+    assert re.search(r"^\[console_scripts\]\s*^peft-softmix = peft_softmix\.cli:main$", entry_points, re.M), (
+        entry_points
+    )

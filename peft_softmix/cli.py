@@ -1,0 +1,399 @@
+"""The ``peft-softmix`` command line: ask a saved adapter, score it on a facts file, look inside it.
+
+    peft-softmix ask ADAPTER "Dante Alighieri" [--top_k 5] [--base MODEL] [--json]
+    peft-softmix evaluate ADAPTER --facts test.jsonl [--common_vocab FILE] [--json]
+    peft-softmix inspect ADAPTER [--top_n 5] [--json]
+
+A thin layer over the library: `PeftModel.from_pretrained` (whose loader treats the adapter as untrusted input, see
+docs/reliability.md "Trust model"), `query`, `peft_softmix.evaluation` with the ``fact_retrieval`` metric, and
+`peft_softmix.inspection`. ``ADAPTER`` is a folder or a Hub id. The base model is the one the adapter names, loaded
+without remote code and from safetensors only; ``--base`` (a folder or Hub id) is the user's own choice of base and
+is loaded as transformers would. Progress goes to stderr, results to stdout; bad input ends with a one-line
+``Error:`` on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="peft-softmix",
+    help="Ask, evaluate and inspect mixture-of-soft-prompts adapters (peft_softmix).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+# what a Hub id looks like: "name" or "owner/name" (a path that does not exist and looks otherwise is a typo'd folder)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class CliError(Exception):
+    """A problem with the command's input, reported as one line without a traceback."""
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """Turn the library's input errors into ``Error: ...`` on stderr and exit status 1."""
+    from .errors import AdapterLoadError, DataFormatError, QueryTooLongError, TemplateError
+
+    try:
+        yield
+    except (CliError, AdapterLoadError, DataFormatError, QueryTooLongError, TemplateError) as problem:
+        _fail(str(problem))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, OSError) as problem:
+        _fail(f"{type(problem).__name__}: {problem}")
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]Error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+# -- loading ---------------------------------------------------------------------------------------------------
+
+
+def _check_adapter_source(adapter: str) -> None:
+    if os.path.exists(adapter):
+        if not os.path.isdir(adapter):
+            raise CliError(f"{adapter} is a file; ADAPTER is the folder that save_pretrained wrote (or a Hub id).")
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            raise CliError(
+                f"{adapter} holds no adapter_config.json, so it is not a saved adapter; give the folder that "
+                "save_pretrained wrote."
+            )
+    elif not _HUB_ID.match(adapter):
+        raise CliError(f"Adapter folder {adapter} does not exist (and it is not a Hub id like 'owner/name').")
+
+
+def load_adapter_model(
+    adapter: str, base: str | None = None, tokenizer: str | None = None, device: str = "auto"
+) -> Any:
+    """The adapter on its base model, ready to query: the base named in the adapter's config unless ``base``.
+
+    A base the adapter names is loaded with ``trust_remote_code=False`` and ``use_safetensors=True`` (the file chose
+    it, so it may not make the loader unpickle anything); ``base`` and ``tokenizer`` are the user's choice.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForMaskedLM
+
+    from .config import SoftMixtureConfig
+
+    _check_adapter_source(adapter)
+    options: dict[str, Any] = {"trust_remote_code": False}
+    if base is None:
+        try:
+            config = SoftMixtureConfig.from_pretrained(adapter)
+        except (OSError, ValueError) as problem:
+            if os.path.isdir(adapter):
+                raise
+            raise CliError(
+                f"{adapter} is not a local folder, and as a Hub id its adapter_config.json cannot be fetched "
+                f"({problem}). Check the name, your connection and HF_HUB_OFFLINE."
+            ) from None
+        base = config.base_model_name_or_path
+        if not base:
+            raise CliError(f"The adapter {adapter} names no base model; pass --base MODEL (a folder or Hub id).")
+        options["use_safetensors"] = True
+        whose = f"named by {adapter}"
+    else:
+        whose = "given with --base"
+    try:
+        base_model = AutoModelForMaskedLM.from_pretrained(base, **options)
+    except (OSError, ValueError) as problem:
+        raise CliError(f"Cannot load the base model {base!r} {whose} ({problem}). Pass --base MODEL.") from None
+    model = PeftModel.from_pretrained(base_model, adapter, tokenizer=tokenizer)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return model.to(torch.device(device)).eval()
+    except (RuntimeError, AssertionError) as problem:
+        raise CliError(f"Cannot use --device {device!r}: {problem}") from None
+
+
+def _load(adapter: str, base: str | None, tokenizer: str | None, device: str) -> Any:
+    with err.status(f"Loading {adapter} ..."):
+        return load_adapter_model(adapter, base, tokenizer, device)
+
+
+def answers(peft_model: Any, subjects: list[str], top_k: int) -> list[dict[str, Any]]:
+    """`query`'s answers as ``{"subject", "adapter", "predictions": [{"score", "token", "token_str",
+    "template_shares"}, ...]}`` per subject, best first.
+
+    The one place that knows `query`'s return shape: an older shape (``(token, probability)`` pairs) is converted
+    here, without template shares.
+    """
+    results = peft_model.query(subjects, top_k=top_k)
+    tokenizer = peft_model.tokenizer
+    converted = []
+    for item in results:
+        predictions = item["predictions"]
+        if predictions and not isinstance(predictions[0], dict):
+            predictions = [
+                {
+                    "score": float(score),
+                    "token": int(tokenizer.convert_tokens_to_ids(token)),
+                    "token_str": tokenizer.convert_tokens_to_string([token]).strip(),
+                    "template_shares": None,
+                }
+                for token, score in predictions
+            ]
+        converted.append(
+            {**item, "adapter": item.get("adapter", peft_model.active_adapter), "predictions": predictions}
+        )
+    return converted
+
+
+# -- options shared by the commands ----------------------------------------------------------------------------
+
+AdapterArg = Annotated[str, typer.Argument(help="Adapter folder (written by save_pretrained) or Hub id.")]
+BaseOpt = Annotated[
+    str | None, typer.Option("--base", help="Base model folder or Hub id (default: the one the adapter names).")
+]
+TokenizerOpt = Annotated[
+    str | None,
+    typer.Option("--tokenizer", help="Your consent to a tokenizer the adapter names other than the base model's."),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="'cpu', 'cuda', 'cuda:1', ... or 'auto'.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+# -- ask -------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def ask(
+    adapter: AdapterArg,
+    subjects: Annotated[list[str], typer.Argument(help='One or more subjects, e.g. "Dante Alighieri".')],
+    top_k: Annotated[int, typer.Option("--top_k", "--top-k", min=1, help="How many answers per subject.")] = 5,
+    base: BaseOpt = None,
+    tokenizer: TokenizerOpt = None,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """The top answers for each subject, with each template's share of the answer's score."""
+    with _reported():
+        model = _load(adapter, base, tokenizer, device)
+        results = answers(model, list(subjects), top_k)
+    if as_json:
+        _print_json(results)
+        return
+    templates = model.processor.templates
+    for item in results:
+        table = Table(title=f"{item['subject']}  ({item['adapter']})", title_justify="left")
+        table.add_column("#", justify="right")
+        table.add_column("answer")
+        table.add_column("score", justify="right")
+        shares = any(p.get("template_shares") is not None for p in item["predictions"])
+        if shares:
+            table.add_column("template shares (" + ", ".join(f"t{k}" for k in range(len(templates))) + ")")
+        for rank, pred in enumerate(item["predictions"], start=1):
+            row = [str(rank), pred["token_str"], f"{pred['score']:.4f}"]
+            if shares:
+                row.append(" ".join(f"{s:.2f}" for s in pred.get("template_shares") or []))
+            table.add_row(*row)
+        out.print(table)
+    if any(p.get("template_shares") is not None for item in results for p in item["predictions"]):
+        out.print("\n".join(f"t{k}: {t}" for k, t in enumerate(templates)))
+
+
+# -- evaluate --------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def evaluate(
+    adapter: AdapterArg,
+    facts: Annotated[str, typer.Option("--facts", help="A .jsonl file of facts (sub_label/obj_label or sub/obj).")],
+    common_vocab: Annotated[
+        str | None,
+        typer.Option("--common_vocab", "--common-vocab", help="Rank among these words only (LAMA's common vocab)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch_size", "--batch-size", min=1, help="Facts per batch.")] = 64,
+    base: BaseOpt = None,
+    tokenizer: TokenizerOpt = None,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """P@1, P@10 and MRR of the adapter on a facts file (the library's evaluation and fact_retrieval metric)."""
+    with _reported():
+        from .facts import load_facts
+
+        split = load_facts(facts)  # read first: a bad line is reported before any model is loaded
+        model = _load(adapter, base, tokenizer, device)
+        result = evaluate_facts(model, split, common_vocab, batch_size)
+        result = {"adapter": adapter, "facts_file": facts, **result}
+    if as_json:
+        _print_json(result)
+        return
+    table = Table(title=f"{adapter} on {facts}", title_justify="left")
+    for name in ("P@1", "P@10", "MRR", "facts"):
+        table.add_column(name, justify="right")
+    table.add_row(f"{result['p@1']:.4f}", f"{result['p@10']:.4f}", f"{result['mrr']:.4f}", str(result["facts"]))
+    out.print(table)
+    left_out = {why: n for why, n in result["left_out"].items() if n}
+    if left_out:
+        out.print("left out: " + ", ".join(f"{n} ({why.replace('_', ' ')})" for why, n in left_out.items()))
+
+
+def evaluate_facts(model: Any, split: Any, common_vocab: str | None, batch_size: int) -> dict[str, Any]:
+    """Score ``model`` on the facts of ``split`` (a `FactSplit`); facts it cannot be asked are counted, not lost."""
+    from .batching import FactCollator, eval_dataloader, ranks_in_fact_order, subject_lengths
+    from .evaluation import evaluate_ranks, scores_from_metric
+    from .facts import facts_in_vocab, filter_single_token, filter_unknown_subjects
+    from .metrics import load_fact_retrieval
+    from .relations import candidate_mask
+
+    tok = model.tokenizer
+    facts, multi_token = filter_single_token(split.facts, tok)
+    facts, unknown = filter_unknown_subjects(facts, tok)
+    mask = None
+    not_in_vocab: list[Any] = []
+    if common_vocab is not None:
+        words, mask, _ = candidate_mask(tok, common_vocab, model.word_embeddings.num_embeddings)
+        facts, not_in_vocab = facts_in_vocab(facts, words)
+    too_long = []
+    if model.max_query_length is not None and facts:
+        lengths = model.query_lengths([f.subject for f in facts])
+        too_long = [f for f, n in zip(facts, lengths) if n > model.max_query_length]
+        facts = [f for f, n in zip(facts, lengths) if n <= model.max_query_length]
+    left_out = {
+        "object_not_one_token": len(multi_token),
+        "unknown_subject": len(unknown),
+        "object_not_in_common_vocab": len(not_in_vocab),
+        "query_too_long": len(too_long),
+    }
+    if not facts:
+        counts = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in left_out.items() if n)
+        raise CliError(f"No fact of {split.report.path} can be scored ({len(split.facts)} read; {counts or 'none'}).")
+    loader, order = eval_dataloader(
+        facts, lambda ordered: FactCollator(model, ordered), subject_lengths(tok, facts), batch_size, pin_memory=False
+    )
+    with _progress(loader, "Evaluating") as batches:
+        ranks = evaluate_ranks(model, batches, len(facts), candidate_mask=mask)
+    mixture = ranks_in_fact_order(ranks.mixture, order)
+    scores = scores_from_metric(load_fact_retrieval(), mixture.tolist(), split.relation or "facts")
+    return {
+        "p@1": scores["p@1"],
+        "p@10": scores["p@10"],
+        "mrr": scores["mrr"],
+        "facts": int(scores["count"]),
+        "loss": ranks.loss,
+        "read": len(split.facts),
+        "left_out": left_out,
+    }
+
+
+class _Tracked:
+    """An iterable that advances a rich progress bar (with ``len``, so the bar knows its end)."""
+
+    def __init__(self, iterable: Any, progress: Any, task: Any) -> None:
+        self.iterable, self.progress, self.task = iterable, progress, task
+
+    def __len__(self) -> int:
+        return len(self.iterable)
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.iterable:
+            yield item
+            self.progress.advance(self.task)
+
+
+@contextmanager
+def _progress(iterable: Any, description: str) -> Iterator[_Tracked]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=len(iterable))
+        yield _Tracked(iterable, progress, task)
+
+
+# -- inspect ---------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def inspect(
+    adapter: AdapterArg,
+    top_n: Annotated[
+        int, typer.Option("--top_n", "--top-n", min=1, help="Nearest vocabulary words per soft word.")
+    ] = 5,
+    base: BaseOpt = None,
+    tokenizer: TokenizerOpt = None,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Mixture weights, and each soft word's nearest vocabulary words and distance from its starting token."""
+    from .inspection import inspect_adapter
+
+    with _reported():
+        model = _load(adapter, base, tokenizer, device)
+        report = inspect_adapter(model, top_n=top_n)
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    out.print(f"[bold]{adapter}[/] on {report.base_model} (init: {report.init})", markup=True)
+    weights = Table(title="Mixture weights", title_justify="left")
+    weights.add_column("#", justify="right")
+    weights.add_column("weight", justify="right")
+    weights.add_column("template")
+    for k, template in enumerate(report.templates):
+        weights.add_row(str(k), f"{template.weight:.4f}", template.template)
+    out.print(weights)
+    for k, template in enumerate(report.templates):
+        table = Table(title=f"t{k}: {template.template}", title_justify="left")
+        table.add_column("soft word (start)")
+        table.add_column("moved", justify="right")
+        table.add_column("moved / |start|", justify="right")
+        table.add_column("nearest vocabulary words (cosine)")
+        deep = template.words and template.words[0].deep_offset_norm is not None
+        if deep:
+            table.add_column("deep offsets", justify="right")
+        for word in template.words:
+            nearest = ", ".join(f"{token} {cos:.2f}" for token, cos in word.nearest)
+            row = [word.token, f"{word.moved:.4f}", f"{word.relative_move:.3f}", nearest]
+            if deep:
+                row.append(f"{word.deep_offset_norm:.4f}")
+            table.add_row(*row)
+        out.print(table)
+
+
+def main() -> None:
+    """The ``peft-softmix`` entry point."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    # a command line prints its answer; the libraries' loading bars and deprecation notes would bury it
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    app()
+
+
+if __name__ == "__main__":
+    main()
