@@ -17,15 +17,19 @@ from .errors import (  # noqa: E402
 )
 from .model import SoftMixtureModel  # noqa: E402
 from .peft_model import PeftModelForSoftMixture, SoftMixtureOutput  # noqa: E402
-from .processing import SoftMixtureProcessor  # noqa: E402
+from .pipeline import FactQueryPipeline, register_pipeline  # noqa: E402
+from .processing import DroppedObjectsWarning, SoftMixtureProcessor  # noqa: E402
 from .registration import register  # noqa: E402
 
 register()
+register_pipeline()  # pipeline("fact-query", model=peft_model)
 
 __all__ = [
     "PEFT_TYPE",
     "AdapterLoadError",
     "DataFormatError",
+    "DroppedObjectsWarning",
+    "FactQueryPipeline",
     "PeftModelForSoftMixture",
     "QueryTooLongError",
     "SoftMixtureConfig",
