@@ -7,6 +7,7 @@ runs every training step, so its checks stay O(batch) and never call the tokeniz
 
 from __future__ import annotations
 
+import difflib
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -82,6 +83,9 @@ def candidate_mask(candidate_ids: Sequence[int] | None, vocab_size: int, device:
     return mask
 
 
+# what `encode` returns ("labels" only when objects are given, "encoded_for" when the processor names its adapter)
+BATCH_KEYS = ("input_ids", "attention_mask", "roles", "mask_positions", "fact_index", "labels", "encoded_for")
+
 # keyword arguments that transformers, PEFT and Accelerate pass to a model's forward: accepted deliberately
 _PASSED_THROUGH = ("return_dict", "output_attentions", "output_hidden_states", "num_items_in_batch")
 
@@ -95,10 +99,6 @@ def check_forward_kwargs(kwargs: dict[str, Any]) -> bool:
     """
     unknown = [name for name in kwargs if name not in _PASSED_THROUGH]
     if unknown:
-        import difflib
-
-        from .processing import BATCH_KEYS
-
         known = [*BATCH_KEYS, "candidate_mask", "return_template_log_probs", "return_log_probs", "adapter_names"]
         hints = []
         for name in unknown:

@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 from .errors import QueryTooLongError
-from .inputs import check_objects, check_subjects
+from .inputs import BATCH_KEYS, check_objects, check_subjects
 from .tokenization import (
     EncodedQuery,
     TemplateLayout,
@@ -46,8 +46,6 @@ IGNORE_INDEX = -100
 # Queries (and objects) each processor keeps. A T-REx relation's training split at K = 5 templates is a few
 # thousand queries; 65,536 keep a whole run of an adapter warm in roughly 100 MB at most.
 DEFAULT_CACHE_SIZE = 65_536
-# what `encode` returns ("labels" only when objects are given, "encoded_for" when the processor names its adapter)
-BATCH_KEYS = ("input_ids", "attention_mask", "roles", "mask_positions", "fact_index", "labels", "encoded_for")
 
 
 class DroppedObjectsWarning(UserWarning):

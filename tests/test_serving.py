@@ -55,13 +55,14 @@ def test_a_mixed_batch_equals_each_adapter_alone_in_one_forward_pass(base, deep_
     handle.remove()
     assert len(calls) == 1  # one forward pass of the frozen model for the whole batch
     row = 0
-    for b, (subject, name, obj) in enumerate(zip(SUBJECTS, NAMES, objects)):
+    for b, (subject, name) in enumerate(zip(SUBJECTS, NAMES)):
         model.set_adapter(name)
         with torch.no_grad():
             alone = model(**model.encode([subject]), return_template_log_probs=True)
         torch.testing.assert_close(mixed.log_probs[b], alone.log_probs[0], atol=1e-5, rtol=0)
         K = sizes[b]
-        torch.testing.assert_close(mixed.template_log_probs[row : row + K], alone.template_log_probs, atol=1e-5, rtol=0)
+        per_template = mixed.template_log_probs[row : row + K]
+        torch.testing.assert_close(per_template, alone.template_log_probs, atol=1e-5, rtol=0)
         torch.testing.assert_close(mixed.log_weights[row : row + K], model.prompt_encoder[name].log_weights())
         row += K
     # the loss is the mean over the labelled facts ("Indias" is not one token) of each fact's own mixture
