@@ -68,7 +68,9 @@ class FactQueryPipeline(Pipeline):
             forward["return_template_probs"] = return_template_probs
         return {}, forward, {}
 
-    def __call__(self, subjects: str | Sequence[str], *args: Any, batch_size: int = 64, **kwargs: Any) -> Any:
+    def __call__(  # type: ignore[override]
+        self, subjects: str | Sequence[str], *args: Any, batch_size: int = 64, **kwargs: Any
+    ) -> Any:
         _, options, _ = self._sanitize_parameters(**kwargs)
         if args:
             raise TypeError(f"The {TASK!r} pipeline takes the subjects as its only positional argument.")
@@ -88,7 +90,8 @@ class FactQueryPipeline(Pipeline):
     ) -> list[dict[str, Any]]:
         names = [adapter_names] * len(subjects) if isinstance(adapter_names, str) else adapter_names
         ids = self._candidate_ids(candidates, names[0] if names else None)
-        return self.model.query(
+        model: Any = self.model
+        return model.query(
             subjects,
             top_k=top_k,
             return_template_probs=return_template_probs,
@@ -105,7 +108,8 @@ class FactQueryPipeline(Pipeline):
         words = [c for c in candidates if isinstance(c, str)]
         ids = [c for c in candidates if not isinstance(c, str)]
         if words:
-            found = candidate_token_ids(self.model.get_processor(adapter).tokenizer, words)
+            model: Any = self.model
+            found = candidate_token_ids(model.get_processor(adapter).tokenizer, words)
             if not found.token_ids:
                 raise ValueError(f"None of the candidate words is one token of the model's tokenizer: {words[:10]}.")
             ids += list(found.token_ids)
@@ -126,4 +130,4 @@ class FactQueryPipeline(Pipeline):
 def register_pipeline() -> None:
     """Register the ``"fact-query"`` task with transformers' `pipeline` (idempotent)."""
     if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
-        PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=FactQueryPipeline, pt_model=(), type="text")
+        PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=FactQueryPipeline, pt_model=None, type="text")

@@ -288,7 +288,8 @@ class SoftMixtureProcessor:
 def _caller_level() -> int:
     """The `warnings.warn` stacklevel of the first frame outside this package (the user's call)."""
     package = os.path.dirname(__file__)
-    frame, level = sys._getframe(2), 2  # the caller of the function that warns
+    frame: Any = sys._getframe(2)  # the caller of the function that warns
+    level = 2
     while frame is not None and os.path.dirname(frame.f_code.co_filename) == package:
         frame, level = frame.f_back, level + 1
     return level
