@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with torch.no_grad():
             deep.deep_offsets.normal_(0, 1.0)
         batch = batches["shallow"]  # the same queries as batches["deep"]: both adapters have the same templates
-        B, K, T = batch["input_ids"].shape
-        positions = SoftPositions.of(batch["roles"].reshape(B * K, T))
+        N, T = batch["input_ids"].shape  # one row per (fact, template)
+        positions = SoftPositions.of(batch["roles"])
         # rows: the shallow adapter's soft words (equal to the deep adapter's: both start at the template's
         # embeddings), the deep adapter's offsets added by this script's hooks; one optimizer over both
         rows_params = [p for p in pm.prompt_encoder["shallow"].parameters() if p.requires_grad] + [deep.deep_offsets]
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             return prepare, step
 
-        print(f"K={k}: {B * K} rows x {T} tokens; canvas and rows agree to {diff:.1e} with random offsets")
+        print(f"K={k}: {N} rows x {T} tokens; canvas and rows agree to {diff:.1e} with random offsets")
         return {
             "bare": (lambda: None, speed.bare_step(pm, batch)),
             "shallow": mixture("shallow", lambda **kw: pm(**batch, **kw), optimizers["shallow"]),

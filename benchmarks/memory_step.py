@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
     shape = tuple(batch["input_ids"].shape)
     print(
-        f"{args.case}: preset {args.preset}, batch {shape} (facts x templates x tokens), "
+        f"{args.case}: preset {args.preset}, batch {shape} ((facts x templates) x tokens), "
         f"peak growth {peak / 2**20:.0f} MiB"
     )
     return {"case": args.case, "batch": shape, "peak_mib": peak / 2**20}

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     base = speed.random_mlm(preset, device)
     pm, batches, optimizers = speed.shallow_and_deep(base, data_dir, preset, args.k, device, shuffle_seed=0)
-    B, K, T = batches["shallow"]["input_ids"].shape
+    N, T = batches["shallow"]["input_ids"].shape  # one row per (fact, template)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     print(
-        f"tokens {B * K} x {T}; median of {args.repeats} steps (ms): "
+        f"tokens {N} x {T}; median of {args.repeats} steps (ms): "
         + ", ".join(f"{n} {v:.2f}" for n, v in medians.items())
     )
     print("over bare: " + ", ".join(f"{n} {v / medians['bare']:.3f}" for n, v in medians.items()))

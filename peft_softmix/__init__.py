@@ -23,18 +23,22 @@ from .errors import (  # noqa: E402
 )
 from .model import SoftMixtureModel  # noqa: E402
 from .peft_model import PeftModelForSoftMixture, SoftMixtureOutput  # noqa: E402
-from .processing import SoftMixtureProcessor  # noqa: E402
+from .pipeline import FactQueryPipeline, register_pipeline  # noqa: E402
+from .processing import DroppedObjectsWarning, SoftMixtureProcessor  # noqa: E402
 from .registration import register  # noqa: E402
 from .trainer import RelationTrainer  # noqa: E402
 from .training import train_relation  # noqa: E402
 from .training_args import TrainingArguments  # noqa: E402
 
 register()
+register_pipeline()  # pipeline("fact-query", model=peft_model)
 
 __all__ = [
     "AdapterLoadError",
     "ChecksumError",
     "DataFormatError",
+    "DroppedObjectsWarning",
+    "FactQueryPipeline",
     "OutputDirError",
     "PEFT_TYPE",
     "PeftModelForSoftMixture",

@@ -114,17 +114,17 @@ class FactCollator:
         self.model = model  # a PeftModelForSoftMixture: its `encode` fills and pads the templates
         self.facts = list(facts)
 
-    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def __call__(self, indices: list[int]) -> dict[str, Any]:
         facts = [self.facts[i] for i in indices]
         batch = self.model.encode([f.subject for f in facts], [f.object for f in facts])
         batch["index"] = torch.tensor(indices, dtype=torch.long)
         return batch
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "roles", "mask_positions", "labels")
+MODEL_INPUTS = ("input_ids", "attention_mask", "roles", "mask_positions", "fact_index", "labels", "encoded_for")
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """The entries of a batch that the model's forward takes (all of `MODEL_INPUTS` that the batch has)."""
     return {name: batch[name] for name in MODEL_INPUTS if name in batch}
 

@@ -17,13 +17,21 @@ __all__ = ["em_mixture_logits", "em_posteriors", "set_mixture_logits"]
 def em_posteriors(template_log_probs: torch.Tensor, log_weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """E-step: ``[B, K]`` posterior of each template given each fact, p(k | x, y) ∝ pi_k p_k(y | x).
 
-    Rows whose label is -100 (no single-token object) are all zero, so they add nothing to the M-step's sums.
+    ``template_log_probs`` is the forward's ``[B * K, V]`` (a fact's K rows together; ``[B, K, V]`` is taken too) and
+    ``log_weights`` its ``[B * K]`` row weights (or one adapter's ``[K]``). Rows whose label is -100 (no single-token
+    object) are all zero, so they add nothing to the M-step's sums.
     """
     keep = labels != IGNORE_INDEX
     gold_ids = torch.where(keep, labels, torch.zeros_like(labels))
-    B, K, _ = template_log_probs.shape
-    gold = template_log_probs.gather(2, gold_ids.view(B, 1, 1).expand(B, K, 1)).squeeze(2)
-    posterior = torch.softmax(gold.float() + log_weights.float().view(1, K), dim=1)
+    B = labels.shape[0]
+    per_fact = template_log_probs.view(B, -1, template_log_probs.shape[-1])
+    K = per_fact.shape[1]
+    gold = per_fact.gather(2, gold_ids.view(B, 1, 1).expand(B, K, 1)).squeeze(2)
+    weights = log_weights.float().view(-1, K)[:1] if log_weights.numel() in (K, B * K) else None
+    if weights is None:
+        raise ValueError(f"log_weights has {log_weights.numel()} values; expected {K} or {B * K}.")
+    # EM fits one adapter's weights: every fact's rows carry the same K weights
+    posterior = torch.softmax(gold.float() + weights, dim=1)
     return posterior * keep.unsqueeze(1).to(posterior.dtype)
 
 

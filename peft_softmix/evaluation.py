@@ -46,9 +46,10 @@ def evaluate_ranks(
 
     ``model`` is a `PeftModelForSoftMixture`, or any module whose forward takes a batch's `model_inputs` and
     ``candidate_mask`` and returns ``log_probs`` (``[B, V]`` at the mask) and, for ``per_template``,
-    ``template_log_probs``. Across processes, ranks are gathered with ``accelerator.gather_for_metrics`` (which
-    drops the samples that Accelerate repeats to even out the last batch) and put back in fact order; a fact missing
-    or seen twice is an error, so a wrong gather cannot silently change the scores.
+    ``template_log_probs`` (``[B * K, V]``, a fact's K rows together). Across processes, ranks are gathered with
+    ``accelerator.gather_for_metrics`` (which drops the samples that Accelerate repeats to even out the last batch)
+    and put back in fact order; a fact missing or seen twice is an error, so a wrong gather cannot silently change
+    the scores.
     """
     from tqdm.auto import tqdm
 
@@ -59,7 +60,7 @@ def evaluate_ranks(
     indices, mixture, templates, nll = [], [], [], []
     try:
         for batch in tqdm(dataloader, desc=description, disable=not progress, leave=False):
-            batch = {name: tensor.to(device) for name, tensor in batch.items()}
+            batch = {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in batch.items()}
             out = model(**model_inputs(batch), candidate_mask=mask, return_template_log_probs=per_template)
             labels = batch["labels"]
             if (labels == IGNORE_INDEX).any():
@@ -71,9 +72,10 @@ def evaluate_ranks(
             gold = out.log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
             per = None
             if per_template:
-                B, K, V = out.template_log_probs.shape
-                flat = out.template_log_probs.reshape(B * K, V)
-                per = rank_of_gold(flat, labels.repeat_interleave(K), mask).view(B, K)
+                # one adapter: every fact has the same K rows
+                flat = out.template_log_probs
+                K = flat.shape[0] // labels.shape[0]
+                per = rank_of_gold(flat, labels.repeat_interleave(K), mask).view(-1, K)
             gathered = (batch["index"], ranks, -gold.float(), per if per is not None else ranks.unsqueeze(1))
             if accelerator is not None:
                 gathered = accelerator.gather_for_metrics(gathered)

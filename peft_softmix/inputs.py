@@ -7,6 +7,7 @@ runs every training step, so its checks stay O(batch) and never call the tokeniz
 
 from __future__ import annotations
 
+import difflib
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -80,3 +81,38 @@ def candidate_mask(candidate_ids: Sequence[int] | None, vocab_size: int, device:
     mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
     mask[torch.tensor([int(i) for i in ids], device=device)] = True
     return mask
+
+
+# what `encode` returns ("labels" only when objects are given, "encoded_for" when the processor names its adapter)
+BATCH_KEYS = ("input_ids", "attention_mask", "roles", "mask_positions", "fact_index", "labels", "encoded_for")
+
+# keyword arguments that transformers, PEFT and Accelerate pass to a model's forward: accepted deliberately
+_PASSED_THROUGH = ("return_dict", "output_attentions", "output_hidden_states", "num_items_in_batch")
+
+
+def check_forward_kwargs(kwargs: dict[str, Any]) -> bool:
+    """Refuse unknown keyword arguments of the forward (a misspelt option would otherwise be ignored); returns
+    ``return_dict``.
+
+    ``num_items_in_batch`` (the Trainer's) divides the summed loss instead of the batch's own count of labels.
+    ``output_attentions``/``output_hidden_states`` may be False only: the mixture has no single attention map.
+    """
+    unknown = [name for name in kwargs if name not in _PASSED_THROUGH]
+    if unknown:
+        known = [*BATCH_KEYS, "candidate_mask", "return_template_log_probs", "return_log_probs", "adapter_names"]
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known + list(_PASSED_THROUGH), n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(
+            f"PeftModelForSoftMixture.forward got unexpected keyword argument(s) {', '.join(hints)}. It takes the "
+            f"batch of `encode` ({', '.join(BATCH_KEYS)}) and {', '.join(known[len(BATCH_KEYS) :])}."
+        )
+    for name in ("output_attentions", "output_hidden_states"):
+        if kwargs.get(name):
+            raise ValueError(
+                f"{name}=True is not supported: the answer mixes several forward passes of the base model. Run "
+                "the base model (peft_model.get_base_model()) on the batch's input_ids for attentions/hidden states."
+            )
+    return_dict = kwargs.get("return_dict")
+    return True if return_dict is None else bool(return_dict)

@@ -15,7 +15,19 @@ from .hooks import SoftPositions
 from .tokenization import TemplateLayout
 from .trust import check_savable, embedding_norm_bound, tensor_problem
 
-__all__ = ["SoftMixtureModel"]
+__all__ = ["SoftMixtureModel", "put_soft_words"]
+
+
+def put_soft_words(
+    table: torch.Tensor, inputs_embeds: torch.Tensor, positions: SoftPositions, scale: Any = None
+) -> torch.Tensor:
+    """``inputs_embeds`` with row ``positions.words[i]`` of ``table`` (times ``scale`` unless None) at each of
+    ``positions.index``: O(P) in forward and backward."""
+    words = table.index_select(0, positions.words)
+    if scale is not None:
+        words = words * scale
+    flat = inputs_embeds.reshape(-1, inputs_embeds.shape[-1])
+    return flat.index_copy(0, positions.index, words.to(inputs_embeds.dtype)).view(inputs_embeds.shape)
 
 
 class SoftMixtureModel(BasePromptEncoder):
@@ -94,11 +106,7 @@ class SoftMixtureModel(BasePromptEncoder):
 
     def forward(self, inputs_embeds: torch.Tensor, positions: SoftPositions, scale: Any = None) -> torch.Tensor:
         """Put the soft words (times ``scale``, the embedding's own scale if it has one) at their ``positions``."""
-        words = self.soft_words.index_select(0, positions.words)
-        if scale is not None:
-            words = words * scale
-        flat = inputs_embeds.reshape(-1, inputs_embeds.shape[-1])
-        return flat.index_copy(0, positions.index, words.to(inputs_embeds.dtype)).view(inputs_embeds.shape)
+        return put_soft_words(self.soft_words, inputs_embeds, positions, scale)
 
     # -- PEFT's (de)serialisation hooks ------------------------------------------------------------------------
 

@@ -7,19 +7,18 @@ pass), runs the forward pass and the mixture, and answers queries. The adapter's
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
+from .answers import query_model
 from .architectures import (
     ProbeResult,
     check_supported,
@@ -30,11 +29,12 @@ from .architectures import (
     tied_embedding_modules,
 )
 from .config import SoftMixtureConfig, naming_config_file
-from .hooks import SoftPositions, deep_prompt_hooks, gather_mask_positions, soft_word_embeddings
-from .inputs import candidate_mask as checked_candidate_mask
-from .inputs import check_query_options, check_subjects
+from .hooks import deep_prompt_hooks, gather_mask_positions, soft_word_embeddings
+from .inputs import check_forward_kwargs
+from .mixture import mix_rows, mix_templates, mixture_loss
 from .model import SoftMixtureModel
-from .processing import IGNORE_INDEX, SoftMixtureProcessor
+from .processing import IGNORE_INDEX, SoftMixtureProcessor, encode_facts
+from .routing import hard_route, resolve_adapter_names, route
 from .serialization import AdapterFilesMixin, check_adapter_fits
 from .tokenization import TemplateLayout, encode_query
 from .trust import base_model_name, load_tokenizer
@@ -46,11 +46,11 @@ __all__ = ["IGNORE_INDEX", "PeftModelForSoftMixture", "SoftMixtureOutput", "mix_
 class SoftMixtureOutput(ModelOutput):
     """
     Args:
-        loss: mean of -log p(y|x) over the examples that have a label (0, with no gradient, if none has one).
-        log_probs: ``[B, V]`` log of the mixture distribution over the vocabulary at the mask, unless the forward
-            was called with ``return_log_probs=False``.
-        template_log_probs: ``[B, K, V]`` each template's log p_k(y|x), when asked for.
-        log_weights: ``[K]`` log mixture weights.
+        loss: mean of -log p(y|x) over the facts that have a label; None when no labels are given.
+        log_probs: ``[B, V]`` log of each fact's mixture distribution over the vocabulary at the mask, unless the
+            forward was called with ``return_log_probs=False``.
+        template_log_probs: ``[N, V]`` each row's (fact and template's) log p_k(y|x), when asked for.
+        log_weights: ``[N]`` each row's log mixture weight log pi_k (uniform with the adapters disabled).
     """
 
     loss: torch.Tensor | None = None
@@ -119,6 +119,7 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
             config.templates,
             max_query_length=max_query_length(base, tokenizer),
             model_name=type(base).__name__,
+            adapter_name=adapter_name,
         )
         layouts = processor.layouts
         token_ids = [[list(segment) for segment in layout.segments] for layout in layouts]
@@ -218,15 +219,24 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         return self.processor.tokenizer
 
     def encode(
-        self, subjects: Sequence[str], objects: Sequence[str | None] | None = None, device: Any = None
-    ) -> dict[str, torch.Tensor]:
-        """Fill every template with every subject: tensors of shape ``[B, K, T]`` plus mask positions and labels.
+        self,
+        subjects: Sequence[str],
+        objects: Sequence[str | None] | None = None,
+        device: Any = None,
+        adapter_names: Sequence[str] | None = None,
+        strict: bool = False,
+    ) -> dict[str, Any]:
+        """Fill each fact's templates with its subject: one row per (fact, template), see `encode_facts`.
 
-        ``roles[b, k, t]`` is the row of the adapter's `soft_words` at a template word, or the token's kind (< 0:
-        `HARD`, `SUBJECT`, `MASK`) elsewhere. ``labels[b]`` is the object's token id, or -100 when it is not one
-        token (or not given). Raises `QueryTooLongError` for a query longer than `max_query_length`.
+        ``adapter_names`` (one per subject) encodes each fact for its own adapter (the active one by default), so
+        that facts of several relations share one batch; run it with ``model(**batch, adapter_names=...)``. An
+        object that is not one token is labelled -100 with a warning, or refused with ``strict=True``. Raises
+        `QueryTooLongError` for a query longer than `max_query_length`.
         """
-        return self.processor.encode(subjects, objects, device=device)
+        if adapter_names is None:
+            return self.processor.encode(subjects, objects, device=device, strict=strict)
+        names = resolve_adapter_names(adapter_names, None, None, self._processors, len(subjects))
+        return encode_facts([self._processors[n] for n in names], subjects, objects, device=device, strict=strict)
 
     @property
     def max_query_length(self) -> int | None:
@@ -252,89 +262,89 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         attention_mask: torch.Tensor,
         roles: torch.Tensor,
         mask_positions: torch.Tensor,
+        fact_index: torch.Tensor,
         labels: torch.Tensor | None = None,
         candidate_mask: torch.Tensor | None = None,
         return_template_log_probs: bool = False,
         return_log_probs: bool = True,
+        adapter_names: Sequence[str] | None = None,
+        encoded_for: Sequence[str] | None = None,
         **kwargs: Any,
-    ) -> SoftMixtureOutput:
-        """Score the mask of every filled template and mix: log p(y|x) = logsumexp_k(log pi_k + log p_k(y|x)).
+    ) -> SoftMixtureOutput | tuple:
+        """Score the mask of every row and mix each fact's rows: log p(y|x) = logsumexp_k(log pi_k + log p_k(y|x)).
 
         Args:
-            input_ids: ``[B, K, T]`` from `encode`.
-            attention_mask: ``[B, K, T]`` from `encode`.
-            roles: ``[B, K, T]`` from `encode` (``roles >= 0``: the row of `soft_words` at a template word).
-            mask_positions: ``[B, K]``.
-            labels: ``[B]`` gold object token ids (-100 to ignore); gives ``loss``.
+            input_ids, attention_mask, roles: ``[N, T]`` from `encode` (one row per fact and template; ``roles >= 0``:
+                the row of the adapter's `soft_words` at a template word).
+            mask_positions: ``[N]``; fact_index: ``[N]`` the fact of each row.
+            labels: ``[B]`` gold object token ids (-100 to ignore); gives ``loss`` (None without labels).
             candidate_mask: ``[V]`` bool, restricts the distribution to these tokens (e.g. LAMA's common vocab).
-            return_template_log_probs: also return each template's ``[B, K, V]`` distribution.
+            return_template_log_probs: also return each row's ``[N, V]`` distribution.
             return_log_probs: False leaves ``log_probs`` out (None). A training step that needs only ``loss`` then
-                neither mixes K distributions over the whole vocabulary (the loss mixes the K gold log-probs only)
-                nor keeps that mixture for a backward pass.
+                neither mixes the distributions over the whole vocabulary nor keeps that mixture for a backward pass.
+            adapter_names: the adapter of each fact (PEFT's mixed-batch convention); default: the active adapter.
+            encoded_for: the adapters the batch was encoded for (`encode` sets it): running it through others is
+                refused.
+            kwargs: ``return_dict`` (False: a tuple), ``output_attentions`` / ``output_hidden_states`` (False only)
+                and ``num_items_in_batch`` (the Trainer's count of labelled facts over the batches it accumulates:
+                the loss is then their summed -log p divided by it) are accepted; anything else is a TypeError.
         """
-        B, K, T = input_ids.shape
-        encoder = self._encoder()
-        if encoder.num_templates != K:
+        return_dict = check_forward_kwargs(kwargs)
+        N = input_ids.shape[0]
+        if input_ids.dim() != 2 or fact_index.shape != (N,):
             raise ValueError(
-                f"The batch has {K} templates per fact but adapter '{self.active_adapter}' has "
-                f"{encoder.num_templates}; encode it with this adapter active."
+                f"forward takes the [N, T] batches of `encode` (one row per fact and template) with fact_index [N]; "
+                f"got input_ids {tuple(input_ids.shape)} and fact_index {tuple(fact_index.shape)}."
             )
-        flat_ids = input_ids.reshape(B * K, T)
-        flat_mask = mask_positions.reshape(B * K)
-        active = not self._adapters_disabled
+        num_facts = (
+            len(adapter_names) if adapter_names is not None and not isinstance(adapter_names, str)
+            else len(encoded_for) if encoded_for is not None
+            else int(labels.shape[0]) if labels is not None
+            else None
+        )  # fmt: skip
+        active = not self._adapters_disabled and bool(self.peft_config)
+        if active:
+            active_name = self.active_adapter if isinstance(self.active_adapter, str) else None
+            names = resolve_adapter_names(adapter_names, encoded_for, active_name, self.peft_config, num_facts)
+            encoders = {name: self._encoder(name) for name in dict.fromkeys(names)}
+            path = route(encoders, names, roles, fact_index)
+        else:
+            # the frozen model on the hard templates, each fact's templates weighted alike
+            sizes = None
+            if encoded_for is not None and all(name in self.prompt_encoder for name in encoded_for):
+                sizes = [self._encoder(name).num_templates for name in encoded_for]
+            path = hard_route(fact_index, sizes)
         with ExitStack() as stack:
-            if active:
-                positions = SoftPositions.of(roles.reshape(B * K, T))
-                if positions.index.numel() > B * encoder.num_soft_words:
-                    # a count known on the host already (it sized the index). Fewer is fine: a template stretch that
-                    # tokenises differently next to a subject keeps its hard words. More means soft words this
-                    # adapter does not have, which would fail inside torch (a device-side assert on a GPU)
-                    raise ValueError(
-                        f"The batch's queries hold {positions.index.numel()} template words, more than {B} facts "
-                        f"can hold with adapter '{self.active_adapter}' ({B * encoder.num_soft_words}): the batch was "
-                        "encoded with another adapter's templates (or built by hand); encode it with this adapter "
-                        "active."
-                    )
+            if path.positions is not None:
                 # the model gets token ids; only the embedding table's output changes (see soft_word_embeddings)
-                stack.enter_context(soft_word_embeddings(self._embedding_tables, encoder, positions, flat_ids))
-                if encoder.deep_offsets is not None:
-                    stack.enter_context(deep_prompt_hooks(self._layers, encoder.deep_offsets, positions))
+                stack.enter_context(
+                    soft_word_embeddings(self._embedding_tables, path.put_soft_words, path.positions, input_ids)
+                )
+                if path.deep_offsets is not None:
+                    stack.enter_context(deep_prompt_hooks(self._layers, path.deep_offsets, path.positions))
             if self._gather_ok:
-                stack.enter_context(gather_mask_positions(cast(nn.Module, find_backbone(self.base_model)), flat_mask))
-            logits = self.base_model(input_ids=flat_ids, attention_mask=attention_mask.reshape(B * K, T)).logits
+                backbone = cast(nn.Module, find_backbone(self.base_model))
+                stack.enter_context(gather_mask_positions(backbone, mask_positions))
+            logits = self.base_model(input_ids=input_ids, attention_mask=attention_mask).logits
         # with the mask-only head the logits are already [N, 1, V]
-        logits = logits[:, 0] if self._gather_ok else logits[torch.arange(B * K, device=logits.device), flat_mask]
+        logits = logits[:, 0] if self._gather_ok else logits[torch.arange(N, device=logits.device), mask_positions]
         logits = logits.float()
         if candidate_mask is not None:
             logits = logits.masked_fill(~candidate_mask.to(logits.device), float("-inf"))
-        template_log_probs = torch.log_softmax(logits, dim=-1).view(B, K, -1)
-        log_weights = encoder.log_weights() if active else torch.full((K,), -math.log(K))
-        log_weights = log_weights.to(template_log_probs.device)
-        log_probs = mix_templates(template_log_probs, log_weights) if return_log_probs else None
+        template_log_probs = torch.log_softmax(logits, dim=-1)
+        log_weights = path.log_weights.to(template_log_probs.device)
+        log_probs = mix_rows(template_log_probs, log_weights, path.groups) if return_log_probs else None
         loss = None
         if labels is not None:
-            keep = labels != IGNORE_INDEX
-            # mixed from each template's gold log-prob (= log_probs at the label): the backward pass then touches
-            # [B, K] values, not the [B, K, V] logsumexp. nll_loss gives unlabelled rows 0 (selecting them would
-            # wait for the GPU), so no -inf reaches their logsumexp to turn a zero gradient into NaN; a batch
-            # without any labelled row has loss 0 and no gradient. The fewer small kernels, the better: at K = 1
-            # on a GPU the step is launch-bound.
-            per_row_labels = labels if K == 1 else labels.repeat_interleave(K)
-            nll = F.nll_loss(
-                template_log_probs.view(B * K, -1), per_row_labels, ignore_index=IGNORE_INDEX, reduction="none"
-            )
-            # one template is its own mixture; with more, an unlabelled row mixes zeros into log(sum pi), 0 only up to
-            # rounding: masked, so that it adds exactly nothing
-            total = nll.sum() if K == 1 else -(mix_templates(-nll.view(B, K), log_weights) * keep).sum()
-            loss = total / keep.sum().clamp(min=1)
-        return SoftMixtureOutput(
+            loss = mixture_loss(template_log_probs, labels, log_weights, path.groups, kwargs.get("num_items_in_batch"))
+        out = SoftMixtureOutput(
             loss=loss,
             log_probs=log_probs,
             template_log_probs=template_log_probs if return_template_log_probs else None,
-            log_weights=log_weights,
+            log_weights=path.row_log_weights() if log_weights.shape[0] != N else log_weights,
         )
+        return out if return_dict else out.to_tuple()
 
-    @torch.inference_mode()
     def query(
         self,
         subjects: Sequence[str],
@@ -342,50 +352,11 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         return_template_probs: bool = False,
         candidate_ids: Sequence[int] | None = None,
         batch_size: int = 64,
+        adapter_names: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
-        """The top-k fillers of ``[Y]`` for each subject, with their mixture probabilities.
-
-        Returns one dict per subject: ``{"subject", "predictions": [(token, prob), ...]}`` and, with
-        ``return_template_probs``, ``"templates": [{"template", "weight", "predictions"}, ...]``. ``subjects`` is a
-        list (a bare string is refused); ``top_k`` and ``batch_size`` are >= 1; ``candidate_ids`` are token ids.
-        """
-        check_subjects(subjects, "query", allow_empty=True)
-        check_query_options(top_k, batch_size)
-        device = self.embedding_device
-        candidate_mask = checked_candidate_mask(candidate_ids, self._vocab_size, device)
-        was_training = self.training
-        self.eval()
-        processor = self.processor
-        tokenizer = processor.tokenizer
-
-        def top(log_probs: torch.Tensor) -> list[tuple[str, float]]:
-            values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]))
-            tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
-            return [(token, float(v.exp())) for token, v in zip(tokens, values)]
-
-        results: list[dict[str, Any]] = []
-        try:
-            for start in range(0, len(subjects), batch_size):
-                chunk = list(subjects[start : start + batch_size])
-                batch = self.encode(chunk, device=device)
-                batch.pop("labels")
-                out = self(**batch, candidate_mask=candidate_mask, return_template_log_probs=return_template_probs)
-                weights = out.log_weights.exp().tolist()
-                for b, subject in enumerate(chunk):
-                    item: dict[str, Any] = {"subject": subject, "predictions": top(out.log_probs[b])}
-                    if return_template_probs:
-                        item["templates"] = [
-                            {
-                                "template": layout.template,
-                                "weight": weights[k],
-                                "predictions": top(out.template_log_probs[b, k]),
-                            }
-                            for k, layout in enumerate(processor.layouts)
-                        ]
-                    results.append(item)
-        finally:
-            self.train(was_training)
-        return results
+        """The top-k fillers of ``[Y]`` for each subject, best first, through each subject's adapter (see
+        `peft_softmix.answers.query`, which documents the answer format)."""
+        return query_model(self, subjects, top_k, return_template_probs, candidate_ids, batch_size, adapter_names)
 
     def mixture_weights(self, adapter_name: str | None = None) -> list[float]:
         """The mixture weights pi_k of an adapter (the active one by default)."""
@@ -424,15 +395,3 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
             del self.prompt_encoder[adapter_name]
         self.prompt_tokens.pop(adapter_name, None)
         self._processors.pop(adapter_name, None)
-
-
-def mix_templates(per_template: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
-    """``logsumexp_k(log pi_k + per_template[:, k])`` for ``per_template`` of shape ``[B, K, ...]``.
-
-    One template is its own mixture (``log pi = 0`` exactly): returned as is, which spares a launch-bound GPU step
-    the logsumexp kernels forward and backward.
-    """
-    if per_template.shape[1] == 1:
-        return per_template[:, 0]
-    shape = (1, -1) + (1,) * (per_template.dim() - 2)
-    return torch.logsumexp(per_template + log_weights.view(shape), dim=1)

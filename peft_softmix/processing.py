@@ -11,24 +11,46 @@ once and kept as a ready ``[T, 2]`` tensor of (input id, role), and a batch is t
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 from .errors import QueryTooLongError
-from .inputs import check_objects, check_subjects
-from .tokenization import EncodedQuery, TemplateLayout, encode_query, object_token_id, template_layout
+from .inputs import BATCH_KEYS, check_objects, check_subjects
+from .tokenization import (
+    EncodedQuery,
+    TemplateLayout,
+    encode_queries,
+    object_token_id,
+    special_tokens_in,
+    template_layout,
+)
 
-__all__ = ["DEFAULT_CACHE_SIZE", "IGNORE_INDEX", "SoftMixtureProcessor"]
+__all__ = [
+    "BATCH_KEYS",
+    "DEFAULT_CACHE_SIZE",
+    "IGNORE_INDEX",
+    "DroppedObjectsWarning",
+    "SoftMixtureProcessor",
+    "encode_facts",
+]
 
 IGNORE_INDEX = -100
 # Queries (and objects) each processor keeps. A T-REx relation's training split at K = 5 templates is a few
 # thousand queries; 65,536 keep a whole run of an adapter warm in roughly 100 MB at most.
 DEFAULT_CACHE_SIZE = 65_536
+
+
+class DroppedObjectsWarning(UserWarning):
+    """Objects that are not one token of the tokenizer were labelled -100 (the loss and metrics skip them)."""
+
 
 KT = TypeVar("KT", bound=Hashable)
 VT = TypeVar("VT")
@@ -86,6 +108,8 @@ class SoftMixtureProcessor:
         max_query_length (`int`, *optional*): The most tokens a filled template may have (the base model's
             positions); `encode` refuses longer queries with `QueryTooLongError`. None: no limit.
         model_name (`str`): The base model, as named in that error.
+        adapter_name (`str`, *optional*): The adapter these templates belong to; `encode`'s batches record it under
+            ``encoded_for``, so that the model refuses to run them through another adapter.
         cache_size (`int`): How many filled templates, and how many objects' token ids, the processor keeps
             (least recently used dropped first; a dropped one is tokenised again, identically, when next needed).
 
@@ -102,8 +126,10 @@ class SoftMixtureProcessor:
         max_query_length: int | None = None,
         model_name: str = "the base model",
         cache_size: int = DEFAULT_CACHE_SIZE,
+        adapter_name: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.adapter_name = adapter_name
         self.layouts: list[TemplateLayout] = [template_layout(tokenizer, template) for template in templates]
         self.max_query_length = max_query_length
         self.model_name = model_name
@@ -111,6 +137,8 @@ class SoftMixtureProcessor:
         self._word_starts = [sum(layout.num_soft_words for layout in self.layouts[:k]) for k in range(len(templates))]
         self._queries: BoundedCache[tuple[int, str], _CachedQuery] = BoundedCache(cache_size)
         self._object_ids: BoundedCache[str, int | None] = BoundedCache(cache_size)
+        self._reported: set[str] = set()  # multi-token objects already warned about
+        self._vocabulary_key: int | None = None
 
     @property
     def templates(self) -> list[str]:
@@ -127,6 +155,12 @@ class SoftMixtureProcessor:
         """The most filled templates (and, separately, objects) the processor keeps."""
         return self._queries.max_size
 
+    def vocabulary_key(self) -> int:
+        """A hash of the tokenizer's vocabulary (computed once): adapters whose keys agree can share a batch."""
+        if self._vocabulary_key is None:
+            self._vocabulary_key = hash(tuple(sorted(self.tokenizer.get_vocab().items())))
+        return self._vocabulary_key
+
     def cache_info(self) -> dict[str, int]:
         """How many filled templates and objects' token ids are cached now, and the bound on each."""
         return {"queries": len(self._queries), "objects": len(self._object_ids), "max_size": self.cache_size}
@@ -135,94 +169,90 @@ class SoftMixtureProcessor:
         key = (k, subject)
         entry = self._queries.get(key)
         if entry is None:
-            query = encode_query(self.tokenizer, self.layouts[k], subject)
+            self._tokenise([subject], [k])
+            entry = self._queries[key]
+        return entry
+
+    def _tokenise(self, subjects: Sequence[str], templates: Sequence[int] | None = None) -> None:
+        """Tokenise and cache every (template, subject) query not cached yet, in one batch call of the tokenizer."""
+        ks = range(len(self.layouts)) if templates is None else templates
+        missing = list(dict.fromkeys((k, s) for s in subjects for k in ks if (k, s) not in self._queries))
+        if not missing:
+            return
+        check_special_tokens(self.tokenizer, dict.fromkeys(s for _, s in missing))
+        encoded = encode_queries(self.tokenizer, [(self.layouts[k], s) for k, s in missing])
+        for (k, subject), query in zip(missing, encoded):
             # template words numbered as rows of `soft_words` here, once per query, not in every forward
             start = self._word_starts[k]
             numbered = [role + start if role >= 0 else role for role in query.roles]
             row = torch.tensor([query.input_ids, numbered], dtype=torch.long).T
-            entry = self._queries[key] = _CachedQuery(query, row)
-        return entry
+            self._queries[(k, subject)] = _CachedQuery(query, row)
 
     def encoded_query(self, k: int, subject: str) -> EncodedQuery:
         """Template ``k`` filled with ``subject``, tokenised once (while cached) for `encode` and `query_lengths`."""
         return self._cached(k, subject).query
 
     def __call__(
-        self, subjects: Sequence[str], objects: Sequence[str | None] | None = None, device: Any = None
-    ) -> dict[str, torch.Tensor]:
+        self,
+        subjects: Sequence[str],
+        objects: Sequence[str | None] | None = None,
+        device: Any = None,
+        strict: bool = False,
+    ) -> dict[str, Any]:
         """Same as `encode`."""
-        return self.encode(subjects, objects, device=device)
+        return self.encode(subjects, objects, device=device, strict=strict)
 
     def encode(
-        self, subjects: Sequence[str], objects: Sequence[str | None] | None = None, device: Any = None
-    ) -> dict[str, torch.Tensor]:
-        """Fill every template with every subject: tensors of shape ``[B, K, T]`` plus mask positions and labels.
-
-        ``roles[b, k, t]`` is the row of the adapter's `soft_words` at a template word, or the token's kind (< 0:
-        `HARD`, `SUBJECT`, `MASK`) elsewhere. ``labels[b]`` is the object's token id, or -100 when it is not one
-        token (or not given).
-        """
+        self,
+        subjects: Sequence[str],
+        objects: Sequence[str | None] | None = None,
+        device: Any = None,
+        strict: bool = False,
+    ) -> dict[str, Any]:
+        """Fill every template with every subject: one row per (fact, template), see `encode_facts`."""
         check_subjects(subjects, "encode")
-        check_objects(subjects, objects, "encode")
-        K = len(self.layouts)
-        queries: list[EncodedQuery] = []
-        rows: list[torch.Tensor] = []
-        # the cache's own dict, looked up inline: a method call per query would cost a third of a warm encode
-        entries = self._queries._entries
-        lookup, touch = entries.get, entries.move_to_end
-        for subject in subjects:
-            for k in range(K):
-                key = (k, subject)
-                entry = lookup(key)
-                if entry is None:
-                    entry = self._cached(k, subject)
-                else:
-                    touch(key)
-                queries.append(entry.query)
-                rows.append(entry.row)
-        B = len(subjects)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        # cached rows padded in one call: collating row by row in Python costs more than a training step on a GPU
-        padded = pad_sequence(rows, batch_first=True, padding_value=-1)  # [B * K, T, 2]; role -1 = hard
-        T = padded.shape[1]
-        lengths = torch.tensor([len(q.input_ids) for q in queries])
-        if self.max_query_length is not None and len(queries) and int(lengths.max()) > self.max_query_length:
-            self._raise_too_long(queries, subjects)
-        attention_mask = (torch.arange(T) < lengths[:, None]).long()
-        input_ids = padded[..., 0].masked_fill(attention_mask == 0, pad)
-        roles = padded[..., 1].contiguous()
-        mask_positions = torch.tensor([q.mask_position for q in queries])
-        labels = torch.full((B,), IGNORE_INDEX, dtype=torch.long)
-        if objects is not None:
-            for b, token in enumerate(self.object_ids(objects)):
-                labels[b] = IGNORE_INDEX if token is None else token
-        batch = {
-            "input_ids": input_ids.view(B, K, T),
-            "attention_mask": attention_mask.view(B, K, T),
-            "roles": roles.view(B, K, T),
-            "mask_positions": mask_positions.view(B, K),
-            "labels": labels,
-        }
-        if device is not None:
-            batch = {name: tensor.to(device) for name, tensor in batch.items()}
-        return batch
+        return encode_facts([self] * len(subjects), subjects, objects, device=device, strict=strict)
 
     def query_lengths(self, subjects: Sequence[str]) -> list[int]:
         """For each subject, the token count of its longest filled template (compare with `max_query_length`)."""
         check_subjects(subjects, "query_lengths", allow_empty=True)
+        self._tokenise(subjects)
         return [
             max(len(self._cached(k, subject).query.input_ids) for k in range(len(self.layouts)))
             for subject in subjects
         ]
 
-    def _raise_too_long(self, queries: list[EncodedQuery], subjects: Sequence[str]) -> None:
-        K = len(self.layouts)
-        i = max(range(len(queries)), key=lambda n: len(queries[n].input_ids))
-        raise QueryTooLongError(
-            f"The query for subject {subjects[i // K]!r} with template {self.layouts[i % K].template!r} is "
-            f"{len(queries[i].input_ids)} tokens long, but {self.model_name} takes at most {self.max_query_length}. "
-            "Leave such facts out (`query_lengths(subjects)` gives each subject's longest query; "
-            "examples/train_trex.py drops and counts them) or shorten the template."
+    def _rows(self, subject: str) -> list[_CachedQuery]:
+        """The cached queries of ``subject``, one per template (tokenised by `_tokenise` first)."""
+        entries = self._queries._entries
+        lookup, touch = entries.get, entries.move_to_end
+        out = []
+        for k in range(len(self.layouts)):
+            key = (k, subject)
+            entry = lookup(key)
+            if entry is None:
+                entry = self._cached(k, subject)
+            else:
+                touch(key)
+            out.append(entry)
+        return out
+
+    def _warn_dropped(self, objects: Sequence[str | None], ids: Sequence[int | None]) -> None:
+        """Warn once per object (per processor) that is not one token, so that the loss skips it visibly."""
+        fresh = [o for o, t in zip(objects, ids) if o is not None and t is None and o not in self._reported]
+        fresh = list(dict.fromkeys(fresh))
+        if not fresh:
+            return
+        if len(self._reported) < self.cache_size:
+            self._reported.update(fresh)
+        shown = ", ".join(repr(o) for o in fresh[:5]) + (f" and {len(fresh) - 5} more" if len(fresh) > 5 else "")
+        warnings.warn(
+            f"{len(fresh)} object(s) are not one token of {type(self.tokenizer).__name__} and get label "
+            f"{IGNORE_INDEX} (the loss and metrics skip those facts): {shown}. Drop such facts first "
+            "(peft_softmix.facts.filter_single_token), or pass strict=True to make this an error. (Each object is "
+            "reported once.)",
+            DroppedObjectsWarning,
+            stacklevel=_caller_level(),
         )
 
     def object_ids(self, objects: Sequence[str | None], strict: bool = False) -> list[int | None]:
@@ -253,3 +283,127 @@ class SoftMixtureProcessor:
                     "those facts first, e.g. with peft_softmix.facts.filter_single_token."
                 )
         return ids
+
+
+def _caller_level() -> int:
+    """The `warnings.warn` stacklevel of the first frame outside this package (the user's call)."""
+    package = os.path.dirname(__file__)
+    frame: Any = sys._getframe(2)  # the caller of the function that warns
+    level = 2
+    while frame is not None and os.path.dirname(frame.f_code.co_filename) == package:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def check_special_tokens(tokenizer: PreTrainedTokenizerBase, subjects: Any) -> None:
+    """Refuse subjects that hold a special token: a ``[MASK]`` inside a subject would be scored as the answer."""
+    for subject in subjects:
+        found = special_tokens_in(tokenizer, subject)
+        if found:
+            raise ValueError(
+                f"The subject {subject!r} contains the special token(s) {', '.join(map(repr, found))} of "
+                f"{type(tokenizer).__name__}; a query may hold only the mask token that the template's [Y] becomes. "
+                "Remove or rewrite them in the subject."
+            )
+
+
+def encode_facts(
+    processors: Sequence[SoftMixtureProcessor],
+    subjects: Sequence[str],
+    objects: Sequence[str | None] | None = None,
+    device: Any = None,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Fill the templates of ``processors[b]`` with ``subjects[b]``, for every fact b: one row per (fact, template).
+
+    Facts may come from different adapters (different K and template lengths): their rows are padded together.
+
+    Returns a dict of
+        - ``input_ids``, ``attention_mask``, ``roles``: ``[N, T]``, N the sum over facts of their K. ``roles[n, t]`` is
+          the row of the fact's adapter's `soft_words` at a template word, or the token's kind (< 0: `HARD`,
+          `SUBJECT`, `MASK`) elsewhere. ``input_ids`` are the hard templates: the base model can take them as is.
+        - ``mask_positions``: ``[N]``, ``fact_index``: ``[N]`` the fact of each row (a fact's rows are consecutive,
+          in template order): the grouping of the mixture.
+        - ``labels``: ``[B]`` each object's token id, or -100 when it is not one token (warned about once per
+          object; ``strict=True`` raises instead). Only when ``objects`` are given; a batch none of whose objects is
+          usable is refused.
+        - ``encoded_for``: a tuple of each fact's adapter name (when the processors know it).
+    """
+    check_subjects(subjects, "encode")
+    check_objects(subjects, objects, "encode")
+    first = processors[0]
+    by_processor: dict[int, SoftMixtureProcessor] = {id(p): p for p in processors}
+    for processor in by_processor.values():
+        if processor.tokenizer is not first.tokenizer and processor.vocabulary_key() != first.vocabulary_key():
+            raise ValueError(
+                f"Adapters '{first.adapter_name}' and '{processor.adapter_name}' use different tokenizers, so their "
+                "queries cannot share a batch; encode them separately."
+            )
+        processor._tokenise([s for p, s in zip(processors, subjects) if p is processor])
+    entries: list[_CachedQuery] = []
+    fact_of_row: list[int] = []
+    for b, (processor, subject) in enumerate(zip(processors, subjects)):
+        rows = processor._rows(subject)
+        entries.extend(rows)
+        fact_of_row.extend([b] * len(rows))
+    B = len(subjects)
+    pad = first.tokenizer.pad_token_id if first.tokenizer.pad_token_id is not None else 0
+    # cached rows padded in one call: collating row by row in Python costs more than a training step on a GPU
+    padded = pad_sequence([e.row for e in entries], batch_first=True, padding_value=-1)  # [N, T, 2]; role -1 = hard
+    T = padded.shape[1]
+    lengths = torch.tensor([len(e.query.input_ids) for e in entries])
+    limits = [p.max_query_length for p in processors]
+    if any(limit is not None for limit in limits):
+        row_limits = torch.tensor([limits[b] if limits[b] is not None else T for b in fact_of_row])
+        if bool((lengths > row_limits).any()):
+            _raise_too_long(entries, fact_of_row, processors, subjects, lengths - row_limits)
+    attention_mask = (torch.arange(T) < lengths[:, None]).long()
+    batch: dict[str, Any] = {
+        "input_ids": padded[..., 0].masked_fill(attention_mask == 0, pad),
+        "attention_mask": attention_mask,
+        "roles": padded[..., 1].contiguous(),
+        "mask_positions": torch.tensor([e.query.mask_position for e in entries]),
+        "fact_index": torch.tensor(fact_of_row),
+    }
+    if objects is not None and any(obj is not None for obj in objects):
+        labels = torch.full((B,), IGNORE_INDEX, dtype=torch.long)
+        for processor in by_processor.values():
+            mine = [b for b, p in enumerate(processors) if p is processor]
+            wanted = [objects[b] for b in mine]
+            ids = processor.object_ids(wanted, strict=strict)
+            processor._warn_dropped(wanted, ids)
+            for b, token in zip(mine, ids):
+                if token is not None:
+                    labels[b] = token
+        if not bool((labels != IGNORE_INDEX).any()):
+            raise ValueError(
+                f"None of the {B} object(s) of this batch is one token of {type(first.tokenizer).__name__}, so the "
+                "batch has no usable label (its loss would be a silent 0). Drop such facts first "
+                "(peft_softmix.facts.filter_single_token), or encode without objects to only query."
+            )
+        batch["labels"] = labels
+    if device is not None:
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    names = [p.adapter_name for p in processors]
+    if all(name is not None for name in names):
+        batch["encoded_for"] = tuple(cast(list[str], names))
+    return batch
+
+
+def _raise_too_long(
+    entries: list[_CachedQuery],
+    fact_of_row: list[int],
+    processors: Sequence[SoftMixtureProcessor],
+    subjects: Sequence[str],
+    excess: torch.Tensor,
+) -> None:
+    n = int(excess.argmax())
+    b = fact_of_row[n]
+    processor = processors[b]
+    k = n - fact_of_row.index(b)
+    raise QueryTooLongError(
+        f"The query for subject {subjects[b]!r} with template {processor.layouts[k].template!r} is "
+        f"{len(entries[n].query.input_ids)} tokens long, but {processor.model_name} takes at most "
+        f"{processor.max_query_length}. Leave such facts out (`query_lengths(subjects)` gives each subject's longest "
+        "query; examples/train_trex.py drops and counts them) or shorten the template."
+    )

@@ -10,6 +10,7 @@ SentencePiece tokenizers all honest about spaces and merges.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 from weakref import WeakKeyDictionary
@@ -127,6 +128,8 @@ class _TokenizerFacts:
     mask: str
     mask_id: int
     special_ids: frozenset[int]
+    # the special tokens as text, longest first (a subject holding one is refused: see `special_tokens_in`)
+    special_tokens: tuple[str, ...]
     # the Rust `tokenizers.Tokenizer` to call directly when it gives what ``tokenizer(text)`` gives (checked),
     # which skips transformers' per-call wrapping (about half the time of a query), else None
     backend: Any
@@ -139,13 +142,16 @@ def _tokenizer_facts(tokenizer: PreTrainedTokenizerBase) -> _TokenizerFacts:
     facts = _FACTS.get(tokenizer)
     if facts is None:
         mask = require_mask_token(tokenizer)
-        facts = _TokenizerFacts(mask, cast(int, tokenizer.mask_token_id), frozenset(tokenizer.all_special_ids), None)
+        specials = tuple(sorted({t for t in tokenizer.all_special_tokens if t and t.strip()}, key=len, reverse=True))
+        facts = _TokenizerFacts(
+            mask, cast(int, tokenizer.mask_token_id), frozenset(tokenizer.all_special_ids), specials, None
+        )
         backend = getattr(tokenizer, "_tokenizer", None)
         if backend is not None and all(
             _encode(tokenizer, facts, text) == _encode_directly(backend, text)
             for text in (f"Zxq Qwerty-Smith was born in {mask} .", f"{mask} , é 1,234 d'Arc  ({mask})")
         ):
-            facts = _TokenizerFacts(facts.mask, facts.mask_id, facts.special_ids, backend)
+            facts = _TokenizerFacts(facts.mask, facts.mask_id, facts.special_ids, facts.special_tokens, backend)
         _FACTS[tokenizer] = facts
     return facts
 
@@ -171,19 +177,43 @@ def _encode(
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], list(enc["special_tokens_mask"])
 
 
-def _tokenise(tokenizer: PreTrainedTokenizerBase, template: str, subject: str) -> tuple[list[int], list[int], int]:
-    """Return input ids, per-token kind (HARD/SUBJECT/MASK, or the template stretch 0..2) and the mask position."""
-    facts = _tokenizer_facts(tokenizer)
-    text, subject_span, mask_span = _fill(template, subject, facts.mask)
-    ids, offsets, special_mask = _encode(tokenizer, facts, text)
+def _encode_many(
+    tokenizer: PreTrainedTokenizerBase, facts: _TokenizerFacts, texts: list[str]
+) -> list[tuple[list[int], list[tuple[int, int]], list[int]]]:
+    """`_encode` of many texts in one call of the tokenizer (its Rust batch call, which also runs in parallel)."""
+    backend = facts.backend
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        try:
+            encodings = backend.encode_batch(texts)
+        except Exception:  # not a tokenizers.Tokenizer after all: one text at a time
+            return [_encode(tokenizer, facts, text) for text in texts]
+        return [(list(e.ids), [tuple(o) for o in e.offsets], list(e.special_tokens_mask)) for e in encodings]
+    enc = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True)
+    return [
+        (list(ids), [tuple(o) for o in offsets], list(special))
+        for ids, offsets, special in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"])
+    ]
+
+
+def _kinds(
+    facts: _TokenizerFacts,
+    text: str,
+    encoded: tuple[list[int], list[tuple[int, int]], list[int]],
+    subject_span: tuple[int, int],
+    mask_span: tuple[int, int],
+    tokenizer_name: str,
+) -> tuple[list[int], list[int], int]:
+    """Input ids, per-token kind (HARD/SUBJECT/MASK, or the template stretch 0..2) and the mask position."""
+    ids, offsets, special_mask = encoded
     first_slot_start = min(subject_span[0], mask_span[0])
     second_slot_start = max(subject_span[0], mask_span[0])
     kinds, mask_position = [], -1
+    mask_id, special_ids = facts.mask_id, facts.special_ids
     for i, ((start, end), special) in enumerate(zip(offsets, special_mask)):
-        if ids[i] == facts.mask_id and mask_position < 0 and _overlaps(start, end, mask_span):
+        if ids[i] == mask_id and mask_position < 0 and _overlaps(start, end, mask_span):
             kinds.append(MASK)
             mask_position = i
-        elif special or (start == end == 0 and ids[i] in facts.special_ids):
+        elif special or (start == end == 0 and ids[i] in special_ids):
             kinds.append(HARD)
         elif _overlaps(start, end, subject_span):
             kinds.append(SUBJECT)
@@ -198,9 +228,16 @@ def _tokenise(tokenizer: PreTrainedTokenizerBase, template: str, subject: str) -
     if mask_position < 0:
         raise TemplateError(
             f"The mask token {facts.mask!r} disappeared when tokenising {text!r}; the tokenizer "
-            f"{type(tokenizer).__name__} does not treat it as one token."
+            f"{tokenizer_name} does not treat it as one token."
         )
     return ids, kinds, mask_position
+
+
+def _tokenise(tokenizer: PreTrainedTokenizerBase, template: str, subject: str) -> tuple[list[int], list[int], int]:
+    """Return input ids, per-token kind (HARD/SUBJECT/MASK, or the template stretch 0..2) and the mask position."""
+    facts = _tokenizer_facts(tokenizer)
+    text, subject_span, mask_span = _fill(template, subject, facts.mask)
+    return _kinds(facts, text, _encode(tokenizer, facts, text), subject_span, mask_span, type(tokenizer).__name__)
 
 
 def template_layout(tokenizer: PreTrainedTokenizerBase, template: str) -> TemplateLayout:
@@ -227,10 +264,29 @@ def encode_query(tokenizer: PreTrainedTokenizerBase, layout: TemplateLayout, sub
     Template words are numbered 0..n-1 in template order; a stretch of template words whose tokens came out
     differently next to this subject keeps its hard embeddings (``mismatched`` is then set).
     """
-    if not subject or not subject.strip():
-        raise TemplateError(f"Empty subject for template {layout.template!r}.")
-    ids, kinds, mask_position = _tokenise(tokenizer, layout.template, subject)
-    roles: list[int] = []
+    return encode_queries(tokenizer, [(layout, subject)])[0]
+
+
+def encode_queries(
+    tokenizer: PreTrainedTokenizerBase, queries: Sequence[tuple[TemplateLayout, str]]
+) -> list[EncodedQuery]:
+    """`encode_query` of many (layout, subject) pairs, tokenised in one batch call of the tokenizer."""
+    facts = _tokenizer_facts(tokenizer)
+    filled = []
+    for layout, subject in queries:
+        if not subject or not subject.strip():
+            raise TemplateError(f"Empty subject for template {layout.template!r}.")
+        filled.append(_fill(layout.template, subject, facts.mask))
+    texts = [text for text, _, _ in filled]
+    encoded = _encode_many(tokenizer, facts, texts) if len(texts) > 1 else [_encode(tokenizer, facts, texts[0])]
+    name = type(tokenizer).__name__
+    return [
+        _roles(layout, *_kinds(facts, text, enc, subject_span, mask_span, name))
+        for (layout, _), (text, subject_span, mask_span), enc in zip(queries, filled, encoded)
+    ]
+
+
+def _roles(layout: TemplateLayout, ids: list[int], kinds: list[int], mask_position: int) -> EncodedQuery:
     seen: tuple[list[int], list[int], list[int]] = ([], [], [])
     for tok, kind in zip(ids, kinds):
         if kind >= 0:
@@ -238,16 +294,20 @@ def encode_query(tokenizer: PreTrainedTokenizerBase, layout: TemplateLayout, sub
     ok = [tuple(seen[s]) == layout.segments[s] for s in range(3)]
     offsets = [0, len(layout.segments[0]), len(layout.segments[0]) + len(layout.segments[1])]
     position_in_segment = [0, 0, 0]
+    roles: list[int] = []
     for kind in kinds:
         if kind >= 0:
-            if ok[kind]:
-                roles.append(offsets[kind] + position_in_segment[kind])
-            else:
-                roles.append(HARD)
+            roles.append(offsets[kind] + position_in_segment[kind] if ok[kind] else HARD)
             position_in_segment[kind] += 1
         else:
             roles.append(kind)
     return EncodedQuery(ids, roles, mask_position, mismatched=not all(ok))
+
+
+def special_tokens_in(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
+    """The tokenizer's special tokens (``[MASK]``, ``<s>``, ...) that occur in ``text``."""
+    facts = _tokenizer_facts(tokenizer)
+    return [token for token in facts.special_tokens if token in text]
 
 
 def object_token_id(tokenizer: PreTrainedTokenizerBase, obj: str) -> int | None:

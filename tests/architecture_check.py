@@ -174,12 +174,10 @@ def _check_position_limit(peft_model: Any) -> int | None:
 def _gap_to_hard_prompts(base: nn.Module, batch: dict, template_log_probs: torch.Tensor) -> float:
     """Largest |log p| difference between the adapter's per-template distributions and the bare model's, on the
     same (padded) batch of filled hard templates."""
-    B, K, T = batch["input_ids"].shape
-    logits = base(
-        input_ids=batch["input_ids"].reshape(B * K, T), attention_mask=batch["attention_mask"].reshape(B * K, T)
-    ).logits
-    at_mask = logits[torch.arange(B * K), batch["mask_positions"].reshape(B * K)].float()
-    hard = torch.log_softmax(at_mask, dim=-1).view(B, K, -1)
+    # the batch's rows are the filled hard templates: the base model takes them as they are
+    logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    at_mask = logits[torch.arange(len(logits)), batch["mask_positions"]].float()
+    hard = torch.log_softmax(at_mask, dim=-1)
     return (hard - template_log_probs).abs().max().item()
 
 
@@ -193,5 +191,6 @@ def _gap_to_unpadded_prompts(base: nn.Module, tokenizer, template_log_probs: tor
             position = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero()[0, 0]
             logits = base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
             hard = torch.log_softmax(logits[0, position].float(), dim=-1)
-            gap = max(gap, (hard - template_log_probs[b, k]).abs().max().item())
+            row = b * len(CHECK_TEMPLATES) + k  # a fact's rows are consecutive, in template order
+            gap = max(gap, (hard - template_log_probs[row]).abs().max().item())
     return gap

@@ -199,7 +199,8 @@ def test_a_redefined_mask_token_no_longer_answers_every_query(tiny_dir, adapter,
     with pytest.raises(AdapterLoadError, match="'mask_token'"):
         PeftModel.from_pretrained(load_base(tiny_dir), folder)
     honest = PeftModel.from_pretrained(load_base(tiny_dir), adapter)
-    assert all(item["predictions"][0][0] != "." or item["predictions"][0][1] < 0.99 for item in honest.query(SUBJECTS))
+    top = [item["predictions"][0] for item in honest.query(SUBJECTS)]
+    assert all(p["token_str"] != "." or p["score"] < 0.99 for p in top)
 
 
 def test_harmless_tokenizer_kwargs_load(tiny_dir, adapter, tmp_path):
@@ -342,7 +343,7 @@ def test_unloadable_state_is_never_saved(tiny_dir, adapter, tmp_path, name, valu
     with torch.no_grad():
         getattr(model.prompt_encoder["default"], name).view(-1)[0] = value
     if name == "mixture_logits":  # the case: NaN weights answer [PAD]
-        assert model.query(["Dante"], top_k=1)[0]["predictions"][0][0] == "[PAD]"
+        assert model.query(["Dante"], top_k=1)[0]["predictions"][0]["token_str"] == "[PAD]"
     with pytest.raises(ValueError) as caught:
         model.save_pretrained(target)
     assert f"'{name}'" in str(caught.value) and "adapter 'default'" in str(caught.value)

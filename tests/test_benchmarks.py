@@ -39,7 +39,7 @@ def test_memory_step_reports_a_peak_for_shallow_and_deep_prompts():
     memory_step = load("memory_step")
     for case in ("shallow", "deep"):
         result = memory_step.main(["--case", case, "--k", "2", "--preset", "tiny", "--data_dir", str(SAMPLE)])
-        assert result["case"] == case and result["batch"][:2] == (32, 2) and result["peak_mib"] >= 0
+        assert result["case"] == case and result["batch"][0] == 32 * 2 and result["peak_mib"] >= 0
 
 
 def test_steps_per_call_repeats_a_short_step_until_the_call_lasts_the_minimum():

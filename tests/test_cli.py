@@ -98,8 +98,7 @@ def test_ask_prints_each_subjects_answers_and_json_matches_query(fx):
     model = loaded(fx)
     assert predictions[0]["token_str"] == "French"
     # the same answers as the library's own query, token for token
-    batch = model.encode(["Pierre Messmer"])
-    batch.pop("labels")
+    batch = model.encode(["Pierre Messmer"])  # no objects: no labels
     with torch.no_grad():
         probs = model(**batch).log_probs[0].exp()
     top = probs.topk(4)

@@ -111,9 +111,11 @@ def test_the_collator_takes_dict_rows_and_fact_rows_alike(model):
     expected = model.encode(["Dante", "Ali"], ["Florence", "Paris"])
     for batch in (from_dicts, from_facts):
         assert batch.keys() == expected.keys()
-        assert all(torch.equal(batch[k], expected[k]) for k in expected)
+        assert all(
+            torch.equal(batch[k], v) if isinstance(v, torch.Tensor) else batch[k] == v for k, v in expected.items()
+        )
     # no object column: a batch to predict, without labels to learn from
-    assert (collator([{"subject": "Dante"}])["labels"] == -100).all()
+    assert "labels" not in collator([{"subject": "Dante"}])  # and then the forward's loss is None
     renamed = SoftMixtureDataCollator(model, subject_column="sub_label", object_column="obj_label")
     assert (
         renamed([{"sub_label": "Dante", "obj_label": "Florence"}])["labels"].tolist()
@@ -160,12 +162,6 @@ def test_metrics_rank_the_gold_object_and_count_what_they_cannot_score(model):
         metrics.compute_metrics(SimpleNamespace(predictions=np.array([0]), label_ids=None))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transformers.Trainer passes num_items_in_batch to the forward (the base model's forward takes **kwargs) "
-    "and then does not divide the loss by gradient_accumulation_steps; PeftModelForSoftMixture.forward must return "
-    "sum(nll) / num_items_in_batch when given it. Remove this mark when it does.",
-)
 def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(tiny_dir, tmp_path):
     from transformers import AutoModelForMaskedLM
 

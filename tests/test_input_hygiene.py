@@ -145,8 +145,8 @@ def test_candidate_ids_restrict_the_answers(model, tokenizer):
     ids = tokenizer.convert_tokens_to_ids(["Paris", "Rome"])
     for given in (ids, np.array(ids), torch.tensor(ids)):
         answers = model.query(["Dante"], top_k=5, candidate_ids=given)[0]["predictions"]
-        assert {token for token, _ in answers[:2]} == {"Paris", "Rome"}
-        assert sum(p for _, p in answers[:2]) == pytest.approx(1.0, abs=1e-5)
+        assert {p["token_str"] for p in answers[:2]} == {"Paris", "Rome"}
+        assert sum(p["score"] for p in answers[:2]) == pytest.approx(1.0, abs=1e-5)
 
 
 # -- templates -------------------------------------------------------------------------------------------------

@@ -34,13 +34,13 @@ def test_bounded_cache_drops_the_least_recently_used():
 
 def test_processor_caches_stay_bounded_and_evicted_queries_come_back_identical(tokenizer, monkeypatch):
     calls = []
-    real = processing.encode_query
+    real = processing.encode_queries
 
-    def counting(tok, layout, subject):
-        calls.append(subject)
-        return real(tok, layout, subject)
+    def counting(tok, queries):
+        calls.extend(subject for _, subject in queries)
+        return real(tok, queries)
 
-    monkeypatch.setattr(processing, "encode_query", counting)
+    monkeypatch.setattr(processing, "encode_queries", counting)
     small = SoftMixtureProcessor(tokenizer, TEMPLATES, cache_size=3)
     first = small.encode(SUBJECTS[:2], OBJECTS[:2])
     for start in range(0, len(SUBJECTS), 2):
@@ -52,6 +52,7 @@ def test_processor_caches_stay_bounded_and_evicted_queries_come_back_identical(t
     assert calls  # the first batch's queries had been dropped and were tokenised again ...
     for name, tensor in first.items():  # ... into exactly the same batch
         assert torch.equal(again[name], tensor), name
+    assert "encoded_for" not in first  # a processor of no named adapter
     roomy = SoftMixtureProcessor(tokenizer, TEMPLATES)
     assert roomy.cache_size == processing.DEFAULT_CACHE_SIZE
     for name, tensor in roomy.encode(SUBJECTS[:2], OBJECTS[:2]).items():
@@ -69,13 +70,16 @@ def test_model_delegates_to_the_active_adapters_processor(base):
     assert pm.tokenizer is pm.processor.tokenizer
     assert pm.max_query_length == pm.processor.max_query_length == 64
     batch = pm.encode(SUBJECTS, OBJECTS)
-    for name, tensor in pm.processor(SUBJECTS, OBJECTS).items():
-        assert torch.equal(batch[name], tensor), name
+    assert batch["encoded_for"] == ("default",) * len(SUBJECTS)
+    for name, value in pm.processor(SUBJECTS, OBJECTS).items():
+        assert torch.equal(batch[name], value) if isinstance(value, torch.Tensor) else batch[name] == value, name
     assert pm.query_lengths(SUBJECTS) == pm.processor.query_lengths(SUBJECTS)
     assert pm.object_ids(OBJECTS) == pm.processor.object_ids(OBJECTS)
     pm.set_adapter("other")
     assert pm.processor is pm.get_processor("other")
-    assert pm.encode(SUBJECTS)["input_ids"].shape[1] == 1  # K = 1: the other adapter's templates
+    other = pm.encode(SUBJECTS)
+    # K = 1: the other adapter's templates, one row per fact
+    assert other["input_ids"].shape[0] == len(SUBJECTS) and other["fact_index"].tolist() == list(range(len(SUBJECTS)))
 
 
 def test_public_levers_report_the_layers_and_the_head(base):

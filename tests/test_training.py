@@ -94,10 +94,12 @@ def test_collator_pads_each_batch_to_its_own_longest_query(tiny):
     collate = FactCollator(model, facts)
     short = collate([i for i in range(9) if lengths[i] == 1])
     long = collate([i for i in range(9) if lengths[i] == 3])
-    assert short["input_ids"].shape[:2] == (3, 2)
-    assert long["input_ids"].shape[2] == short["input_ids"].shape[2] + 2
+    assert short["input_ids"].shape[0] == 3 * 2 and short["fact_index"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert long["input_ids"].shape[1] == short["input_ids"].shape[1] + 2
     assert short["index"].tolist() == [0, 3, 6]
-    assert set(model_inputs(short)) == {"input_ids", "attention_mask", "roles", "mask_positions", "labels"}
+    assert set(model_inputs(short)) == {
+        "input_ids", "attention_mask", "roles", "mask_positions", "fact_index", "labels", "encoded_for"
+    }  # fmt: skip
 
 
 # -- EM --------------------------------------------------------------------------------------------------------
@@ -156,7 +158,8 @@ def test_evaluate_ranks_matches_a_direct_forward_in_fact_order(tiny):
         out = model(**batch, return_template_log_probs=True)
     assert result.mixture.tolist() == rank_of_gold(out.log_probs, batch["labels"]).tolist()
     for k in range(len(TEMPLATES)):
-        expected = rank_of_gold(out.template_log_probs[:, k], batch["labels"]).tolist()
+        per = out.template_log_probs.view(len(facts), len(TEMPLATES), -1)
+        expected = rank_of_gold(per[:, k], batch["labels"]).tolist()
         assert result.templates[:, k].tolist() == expected
     gold = out.log_probs.gather(1, batch["labels"][:, None]).squeeze(1)
     assert result.loss == pytest.approx(-gold.mean().item(), rel=1e-5)
