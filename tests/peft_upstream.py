@@ -1,6 +1,6 @@
 """PEFT's own common test suite (`PeftCommonTester`), taken from the sdist of the installed PEFT, never copied here.
 
-PEFT ships its tests in its source distribution only. `tests_dir()` finds them, in this order:
+PEFT ships its tests in its source distribution only. `find_tests_dir()` finds them, in this order:
 
 1. ``PEFT_TESTS_DIR``: the unpacked sdist's ``tests/`` folder (or the sdist folder that holds it);
 2. the cache, ``$XDG_CACHE_HOME/peft_softmix/peft-<version>/tests`` (``~/.cache/...`` by default), which
@@ -64,7 +64,7 @@ def _sdist_version(folder: Path) -> str | None:
     return None
 
 
-def tests_dir() -> tuple[Path | None, str]:
+def find_tests_dir() -> tuple[Path | None, str]:
     """The folder that holds PEFT's ``testing_common.py`` for the installed PEFT, or None and why not."""
     peft = installed_peft()
     given = os.environ.get(ENV_DIR)
@@ -146,6 +146,7 @@ def load_common(folder: Path) -> types.ModuleType:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["fetch"]:
-        sys.exit("usage: python tests/peft_upstream.py fetch")
-    print(fetch())
+    # python tests/peft_upstream.py fetch [DIR]: prints the tests/ folder (under DIR, else under the cache)
+    if sys.argv[1:2] != ["fetch"] or len(sys.argv) > 3:
+        sys.exit("usage: python tests/peft_upstream.py fetch [DIR]")
+    print(fetch(Path(sys.argv[2]) if len(sys.argv) == 3 else None))

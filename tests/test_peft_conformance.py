@@ -14,13 +14,13 @@ import pytest
 import torch
 from factories import bpe_tokenizer, special_token_ids, tiny_config, tiny_model
 from peft import get_peft_model
-from peft_upstream import ENV_REQUIRED, load_common, tests_dir
+from peft_upstream import ENV_REQUIRED, find_tests_dir, load_common
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 import peft_softmix  # noqa: F401  (registers SOFT_MIXTURE with PEFT)
 from peft_softmix import SoftMixtureConfig
 
-_folder, _why_missing = tests_dir()
+_folder, _why_missing = find_tests_dir()
 if _folder is None and os.environ.get(ENV_REQUIRED) == "1":
     raise RuntimeError(f"{ENV_REQUIRED}=1 but {_why_missing}")
 common = load_common(_folder) if _folder is not None else None
