@@ -8,6 +8,7 @@ lists them. The suite is not in this repository: see tests/peft_upstream.py for 
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ _folder, _why_missing = find_tests_dir()
 if _folder is None and os.environ.get(ENV_REQUIRED) == "1":
     raise RuntimeError(f"{ENV_REQUIRED}=1 but {_why_missing}")
 common = load_common(_folder) if _folder is not None else None
-pytestmark = pytest.mark.skipif(common is None, reason=_why_missing)
+needs_suite = pytest.mark.skipif(common is None, reason=_why_missing)
 PeftCommonTester = common.PeftCommonTester if common is not None else object
 
 PROBE_LM = Path(__file__).resolve().parents[1] / "examples" / "probe_lm"
@@ -71,6 +72,7 @@ def config_kwargs(request) -> dict:
     return dict(CONFIGS[request.param])
 
 
+@needs_suite
 class TestSoftMixtureConformance(PeftCommonTester):  # type: ignore[misc, valid-type]
     """Each test hands PEFT's `_test_*` method a model folder, `SoftMixtureConfig` and its keyword arguments."""
 
@@ -224,3 +226,34 @@ class TestSoftMixtureConformance(PeftCommonTester):  # type: ignore[misc, valid-
         model = get_peft_model(base, SoftMixtureConfig(**config_kwargs))
         assert not model.supports_lora_conversion()
         pytest.skip("PEFT: supports_lora_conversion() is False for prompt-learning methods (not additive weights)")
+
+
+# -- where the suite comes from (these run without it) ----------------------------------------------------------
+
+
+def test_a_suite_of_another_peft_version_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "testing_common.py").write_text("", encoding="utf-8")
+    (tmp_path / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: peft\nVersion: 0.0.1\n", encoding="utf-8")
+    monkeypatch.setenv("PEFT_TESTS_DIR", str(tmp_path))
+    folder, why = find_tests_dir()
+    assert folder is None
+    assert "peft 0.0.1" in why and f"peft {version('peft')} is installed" in why and "peft_upstream.py fetch" in why
+
+
+def test_a_missing_suite_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("PEFT_TESTS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder, why = find_tests_dir()
+    assert folder is None
+    assert "python tests/peft_upstream.py fetch" in why and f"peft=={version('peft')}" in why
+
+
+def test_the_stand_ins_leave_no_trace():
+    """diffusers/datasets stand-ins exist only while PEFT's suite is imported: nothing else may see them."""
+    import sys
+    from importlib.util import find_spec
+
+    for name in ("diffusers", "datasets"):
+        if find_spec(name) is None:
+            assert name not in sys.modules
