@@ -47,6 +47,12 @@ NO_EMBEDS = (
     "a mixture places its soft words by the template layout of token ids (input_ids, roles); inputs_embeds alone "
     "carry no template to query through"
 )
+NO_TENSOR_OUTPUT = (
+    "PEFT's test compares outputs with torch.allclose: generate() scores when the model has generate (every PeftModel "
+    "does, forwarding to the base; a masked LM has none), else model(**inputs), which for a transformers model is a "
+    "ModelOutput that allclose refuses; PEFT runs it on generative models only. The disabled adapter is tested in "
+    "tests/test_core.py (test_disable_adapter_is_the_uniform_hard_mixture)"
+)
 NO_GENERATE = "SOFT_MIXTURE queries masked LMs at the [Y] mask; it has no generation"
 NO_MIXED_BATCH = "per-row adapter_names apply to LoRA-like layers; a prompt-learning adapter is one per batch"
 
@@ -178,9 +184,8 @@ class TestSoftMixtureConformance(PeftCommonTester):  # type: ignore[misc, valid-
         # PEFT's test runs the base model on the PEFT model's inputs first, then expects unload() to be refused
         self._test_unload_adapter(model_id, SoftMixtureConfig, config_kwargs)
 
-    @pytest.mark.xfail(strict=False, reason=SERVING)
     def test_disable_adapter(self, model_id, config_kwargs):
-        self._test_disable_adapter(model_id, SoftMixtureConfig, config_kwargs)
+        pytest.skip(NO_TENSOR_OUTPUT)
 
     @pytest.mark.xfail(strict=False, reason=SERVING)
     def test_delete_adapter(self, model_id, config_kwargs):
