@@ -32,7 +32,7 @@ DOC = ROOT / "docs" / "compatibility.md"
 START, END = "<!-- compat-matrix:start -->", "<!-- compat-matrix:end -->"
 TORCH = "torch==2.13.0"
 # the oldest and newest releases of the window that pyproject.toml claims
-WINDOW_ENDS = ["peft==0.21.0,transformers==5.20.0", "peft==0.21.2,transformers==5.24.0"]
+WINDOW_ENDS = ["peft==0.21.0,transformers==5.23.0", "peft==0.21.2,transformers==5.24.0"]
 DEFAULT_PYTEST_ARGS = "-x -q -p no:cacheprovider"
 SHOWN_PACKAGES = ("torch", "transformers", "peft", "huggingface-hub", "accelerate", "tokenizers")
 COUNTS = ("passed", "failed", "errors", "skipped", "xfailed", "xpassed")
