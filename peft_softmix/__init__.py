@@ -6,7 +6,7 @@ Importing the package registers the ``SOFT_MIXTURE`` method with PEFT, so that `
 
 __version__ = "0.1.0"
 
-from .config import PEFT_TYPE, SoftMixtureConfig, SoftMixtureInit  # noqa: E402
+from .config import PEFT_TYPE, SoftMixtureConfig, SoftMixtureInit, SoftMixtureType  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterLoadError,
     ChecksumError,
@@ -51,6 +51,7 @@ __all__ = [
     "SoftMixtureModel",
     "SoftMixtureOutput",
     "SoftMixtureProcessor",
+    "SoftMixtureType",
     "TemplateError",
     "TemplateSetError",
     "TrainingArguments",

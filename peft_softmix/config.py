@@ -15,7 +15,25 @@ from peft.utils import CONFIG_NAME
 from .errors import AdapterLoadError
 from .tokenization import validate_template
 
-PEFT_TYPE = "SOFT_MIXTURE"
+
+class SoftMixtureType(str, enum.Enum):
+    """The ``peft_type`` of a mixture of soft prompts.
+
+    PEFT's own `PeftType` is a closed Enum, so this is a str-Enum of its own with the same behaviour: its member
+    equals and hashes as the string ``"SOFT_MIXTURE"`` (so it is the key of PEFT's registries and what the config file
+    holds), and it has the ``.value`` that PEFT's code reads (error messages, the model card check).
+    """
+
+    SOFT_MIXTURE = "SOFT_MIXTURE"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, format_spec: str) -> str:
+        return format(self.value, format_spec)
+
+
+PEFT_TYPE = SoftMixtureType.SOFT_MIXTURE
 TASK_TYPE = "SOFT_MIXTURE"
 CONFIG_FORMAT_VERSION = 1
 # Written by `PeftModelForSoftMixture` when the adapter is created; a saved adapter without them was not written by

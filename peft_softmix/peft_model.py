@@ -389,6 +389,11 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
                 requires_grad and config.train_prompts, requires_grad and config.train_weights
             )
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Like `PeftModel.delete_adapter`, and the adapter's query encoder (tokenizer, caches) goes with it."""
+        super().delete_adapter(adapter_name)
+        self._processors.pop(adapter_name, None)
+
     def _forget_adapter(self, adapter_name: str) -> None:
         self.peft_config.pop(adapter_name, None)
         if adapter_name in self.prompt_encoder:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from architecture_check import PADDING_SENSITIVE, check_architecture
 from factories import (
     BPE,
@@ -22,6 +23,7 @@ from factories import (
     tiny_config,
     tiny_model,
 )
+from packaging.version import Version
 from peft import get_peft_model
 from transformers import AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -120,8 +122,15 @@ def test_generated_docs_cover_every_type_and_agree_with_the_tables():
     path = Path(__file__).resolve().parents[1] / "docs" / "architectures.json"
     if not path.exists():
         pytest.skip("docs/architectures.json not generated (scripts/architecture_matrix.py)")
-    table = json.loads(path.read_text(encoding="utf-8"))["architectures"]
-    assert sorted(table) == ALL_TYPES, "docs are stale: rerun scripts/architecture_matrix.py"
+    generated = json.loads(path.read_text(encoding="utf-8"))
+    table = generated["architectures"]
+    if Version(transformers.__version__) < Version(generated["transformers_version"]):
+        # an older transformers of the supported window (scripts/compat_matrix.py): the docs describe the newest,
+        # which knows every type this one knows, and maybe more
+        missing = sorted(set(ALL_TYPES) - set(table))
+        assert not missing, f"docs/architectures.json lacks {missing}: rerun scripts/architecture_matrix.py"
+    else:
+        assert sorted(table) == ALL_TYPES, "docs are stale: rerun scripts/architecture_matrix.py"
     for model_type in UNSUPPORTED:
         assert table[model_type]["shallow"]["unsupported"] and table[model_type]["deep"]["unsupported"]
     for model_type in DEEP_UNSUPPORTED:

@@ -115,3 +115,17 @@ def test_import_leaves_other_methods_loading_errors_unchanged(tmp_path):
     assert all(error is not None for error in result["before"])  # every broken file does fail
     assert result["after"] == result["before"]
     assert result["before"][0][:2] == ["json.decoder", "JSONDecodeError"]
+
+
+def test_peft_type_is_a_str_enum_member_that_peft_can_read():
+    """PEFT reads ``peft_type.value`` (model card checks, error messages) and keys its registries by the type."""
+
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    config = peft_softmix.SoftMixtureConfig(templates=["[X] was born in [Y] ."])
+    assert config.peft_type is peft_softmix.SoftMixtureType.SOFT_MIXTURE
+    assert config.peft_type.value == "SOFT_MIXTURE" and config.peft_type == "SOFT_MIXTURE"
+    assert f"{config.peft_type}" == str(config.peft_type) == "SOFT_MIXTURE"
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["SOFT_MIXTURE"] is peft_softmix.SoftMixtureConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type] is peft_softmix.SoftMixtureModel
+    assert json.loads(json.dumps(config.to_dict()))["peft_type"] == "SOFT_MIXTURE"

@@ -135,7 +135,10 @@ def test_the_base_model_takes_a_batch_and_adapters_off_or_deleted_answer_with_th
         torch.testing.assert_close(off.log_probs[b], expected, atol=1e-5, rtol=0)
         row += K
     for name in ADAPTERS:
+        model.get_processor(name)
         model.delete_adapter(name)
+        with pytest.raises(KeyError):  # its query encoder (tokenizer, caches) went with it
+            model.get_processor(name)
     assert model.active_adapters == []
     with torch.no_grad():
         gone = model(**batch)
