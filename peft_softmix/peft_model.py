@@ -274,9 +274,11 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         """Score the mask of every row and mix each fact's rows: log p(y|x) = logsumexp_k(log pi_k + log p_k(y|x)).
 
         Args:
-            input_ids, attention_mask, roles: ``[N, T]`` from `encode` (one row per fact and template; ``roles >= 0``:
-                the row of the adapter's `soft_words` at a template word).
-            mask_positions: ``[N]``; fact_index: ``[N]`` the fact of each row.
+            input_ids: ``[N, T]`` from `encode`: one row per fact and template.
+            attention_mask: ``[N, T]`` from `encode`.
+            roles: ``[N, T]`` from `encode` (``roles >= 0``: the row of the adapter's `soft_words` at a template word).
+            mask_positions: ``[N]``, the mask of each row.
+            fact_index: ``[N]``, the fact of each row.
             labels: ``[B]`` gold object token ids (-100 to ignore); gives ``loss`` (None without labels).
             candidate_mask: ``[V]`` bool, restricts the distribution to these tokens (e.g. LAMA's common vocab).
             return_template_log_probs: also return each row's ``[N, V]`` distribution.
