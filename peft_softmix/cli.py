@@ -131,34 +131,6 @@ def _load(adapter: str, base: str | None, tokenizer: str | None, device: str) ->
         return load_adapter_model(adapter, base, tokenizer, device)
 
 
-def answers(peft_model: Any, subjects: list[str], top_k: int) -> list[dict[str, Any]]:
-    """`query`'s answers as ``{"subject", "adapter", "predictions": [{"score", "token", "token_str",
-    "template_shares"}, ...]}`` per subject, best first.
-
-    The one place that knows `query`'s return shape: an older shape (``(token, probability)`` pairs) is converted
-    here, without template shares.
-    """
-    results = peft_model.query(subjects, top_k=top_k)
-    tokenizer = peft_model.tokenizer
-    converted = []
-    for item in results:
-        predictions = item["predictions"]
-        if predictions and not isinstance(predictions[0], dict):
-            predictions = [
-                {
-                    "score": float(score),
-                    "token": int(tokenizer.convert_tokens_to_ids(token)),
-                    "token_str": tokenizer.convert_tokens_to_string([token]).strip(),
-                    "template_shares": None,
-                }
-                for token, score in predictions
-            ]
-        converted.append(
-            {**item, "adapter": item.get("adapter", peft_model.active_adapter), "predictions": predictions}
-        )
-    return converted
-
-
 # -- options shared by the commands ----------------------------------------------------------------------------
 
 AdapterArg = Annotated[str, typer.Argument(help="Adapter folder (written by save_pretrained) or Hub id.")]
@@ -193,7 +165,7 @@ def ask(
     """The top answers for each subject, with each template's share of the answer's score."""
     with _reported():
         model = _load(adapter, base, tokenizer, device)
-        results = answers(model, list(subjects), top_k)
+        results = model.query(list(subjects), top_k=top_k)
     if as_json:
         _print_json(results)
         return
@@ -203,17 +175,12 @@ def ask(
         table.add_column("#", justify="right")
         table.add_column("answer")
         table.add_column("score", justify="right")
-        shares = any(p.get("template_shares") is not None for p in item["predictions"])
-        if shares:
-            table.add_column("template shares (" + ", ".join(f"t{k}" for k in range(len(templates))) + ")")
+        table.add_column("template shares (" + ", ".join(f"t{k}" for k in range(len(templates))) + ")")
         for rank, pred in enumerate(item["predictions"], start=1):
-            row = [str(rank), pred["token_str"], f"{pred['score']:.4f}"]
-            if shares:
-                row.append(" ".join(f"{s:.2f}" for s in pred.get("template_shares") or []))
-            table.add_row(*row)
+            shares = " ".join(f"{share:.2f}" for share in pred["template_shares"])
+            table.add_row(str(rank), pred["token_str"], f"{pred['score']:.4f}", shares)
         out.print(table)
-    if any(p.get("template_shares") is not None for item in results for p in item["predictions"]):
-        out.print("\n".join(f"t{k}: {t}" for k, t in enumerate(templates)))
+    out.print("\n".join(f"t{k}: {t}" for k, t in enumerate(templates)))
 
 
 # -- evaluate --------------------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ def test_ask_prints_each_subjects_answers_and_json_matches_query(fx):
     assert proc.returncode == 0, proc.stderr
     assert "Pierre Messmer" in proc.stdout and "Valeria Bruni Tedeschi" in proc.stdout
     assert "French" in proc.stdout  # the probe LM knows these two speak French
+    assert "template shares (t0, t1" in proc.stdout and "t0: " in proc.stdout  # each template's share, named
     assert "Traceback" not in proc.stderr
 
     proc = cli("ask", fx.adapter, "Pierre Messmer", "--top_k", "4", "--json")
