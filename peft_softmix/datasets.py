@@ -34,6 +34,7 @@ from typing import Any
 from .atomic import atomic_folder
 from .download import CACHE_ENV, Download, default_cache_dir, fetch_all, offline_mode
 from .errors import DataFormatError
+from .facts import read_json_object
 
 __all__ = [
     "BASE_URL_ENV",
@@ -204,12 +205,7 @@ def _convert(output: DataOutput, cached: list[Path]) -> bytes:
             if output.convert == "lines_to_jsonl":
                 record: dict[str, Any] = {"template": line.strip()}
             else:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(f"{part.path}, line {lineno}: not valid JSON ({err.msg}).") from None
-                if not isinstance(record, dict):
-                    raise DataFormatError(f"{part.path}, line {lineno}: expected a JSON object.")
+                record = read_json_object(Path(part.path), lineno, line)
             record.pop("relation", None)
             lines.append(json.dumps({"relation": part.relation, **record}))
     return ("\n".join(lines) + "\n").encode("utf-8")
