@@ -118,6 +118,20 @@ def load_script(path: Path, name: str | None = None):
     return module
 
 
+def script_environment(**extra: str) -> dict[str, str]:
+    """The environment a repository script runs in from the tests: offline, on the CPU, one thread, this checkout
+    first on the import path; ``extra`` adds or overrides variables."""
+    repo_root = Path(__file__).resolve().parents[1]
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "ACCELERATE_USE_CPU": "true",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(repo_root), os.environ.get("PYTHONPATH")])),
+        **extra,
+    }
+
+
 def two_process_launch(port_base: int) -> list[str]:
     """``accelerate launch`` of two CPU processes on one machine, on a port of its own per test process."""
     return [

@@ -8,7 +8,6 @@ Every run is a fresh interpreter with one thread, so the uninterrupted and the r
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import save_tiny_bert, two_process_launch
+from conftest import save_tiny_bert, script_environment, two_process_launch
 from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -115,17 +114,6 @@ def script_args(fx, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def environment(**extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "ACCELERATE_USE_CPU": "true",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-        **extra,
-    }
-
-
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "w") as out:  # a file, not a pipe: a chatty run can never block on a full pipe
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
@@ -141,10 +129,10 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(fx, tmp_p
     marker = tmp_path / "paused-in-epoch-2"
     python = [sys.executable, str(fx.root / "wrapper.py"), str(SCRIPT)]
     runs = {
-        "straight": start(python + script_args(fx, straight), environment(), tmp_path / "straight.log"),
+        "straight": start(python + script_args(fx, straight), script_environment(), tmp_path / "straight.log"),
         "killed": start(
             python + script_args(fx, resumed),
-            environment(PAUSE_MARKER=str(marker), PAUSE_AFTER=str(resumed / "P19" / "checkpoints" / "epoch_1")),
+            script_environment(PAUSE_MARKER=str(marker), PAUSE_AFTER=str(resumed / "P19" / "checkpoints" / "epoch_1")),
             tmp_path / "killed.log",
         ),
     }
@@ -163,7 +151,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(fx, tmp_p
     log = tmp_path / "resumed.log"
     resume = start(
         [sys.executable, str(SCRIPT), *script_args(fx, resumed, "--resume_from_checkpoint", "latest")],
-        environment(),
+        script_environment(),
         log,
     )
     for name, proc in (("resumed", resume), ("straight", runs["straight"])):
@@ -194,7 +182,7 @@ def test_a_failing_rank_stops_a_two_process_run_with_its_error(fx, tmp_path):
     ]
     started = time.monotonic()
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=environment(FAIL_RANK="1"), timeout=240, cwd=tmp_path
+        cmd, capture_output=True, text=True, env=script_environment(FAIL_RANK="1"), timeout=240, cwd=tmp_path
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-4000:]
