@@ -16,10 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import two_process_launch
+from conftest import script_environment, two_process_launch
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertTokenizerFast
-from trex_fixture import build_fixture
+from trex_fixture import build_fixture, check_two_relation_outputs
 
 import peft_softmix  # noqa: F401
 from peft_softmix import PeftModelForSoftMixture
@@ -59,20 +59,9 @@ def argv(fx, out: Path, *extra: str, relations: str = "P19", model: Path | None 
     ]
 
 
-def environment(**extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "ACCELERATE_USE_CPU": "true",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-        **extra,
-    }
-
-
 def script(args: list[str], cwd: Path, launcher: list[str] | None = None, **env: str) -> subprocess.CompletedProcess:
     cmd = [*(launcher or [sys.executable]), str(SCRIPT), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=environment(**env), timeout=300, cwd=cwd)
+    return subprocess.run(cmd, capture_output=True, text=True, env=script_environment(**env), timeout=300, cwd=cwd)
 
 
 # -- a full run ------------------------------------------------------------------------------------------------
@@ -90,24 +79,9 @@ def test_run_writes_results_adapters_and_keeps_best_on_dev(fx, tmp_path):
     assert "P20 epoch 3: train loss" in proc.stderr and "dev P@1" in proc.stderr
 
     on_disk = json.loads((out / "results.json").read_text())
-    assert list(on_disk["rows"]) == ["hard_first", "hard_mixture", "soft"]
+    check_two_relation_outputs(on_disk, out)
     assert on_disk["rows"]["soft"] == "soft (vectors + weights)"
     assert on_disk["settings"]["learning_rate"] == 0.1 and "hub_token" not in on_disk["settings"]
-    for relation in ("P19", "P20"):
-        entry = on_disk["relations"][relation]
-        assert entry["facts"] == {"train": 40, "dev": 16, "test": 16}
-        history = entry["history"]
-        assert [h["epoch"] for h in history] == [0, 1, 2, 3]
-        # the kept state is the best on dev, and its dev P@1 is what the metric reports for the soft row
-        best = max(history, key=lambda h: h["dev_p@1"])
-        assert entry["best_epoch"] == best["epoch"]
-        assert entry["dev"]["soft"]["p@1"] == pytest.approx(best["dev_p@1"])
-        # the hard single-template row is template 1's own column of the per-template scores
-        assert entry["test"]["hard_first"]["p@1"] == pytest.approx(entry["test_hard_template_p@1"][0])
-        # training lowers the dev loss of the frozen model's answers
-        assert min(h["dev_loss"] for h in history[1:]) < history[0]["dev_loss"]
-        assert (out / relation / "checkpoints" / "epoch_3").is_dir()
-        assert not list((out / relation / "checkpoints").glob(".epoch_*"))  # no staging folder left behind
     overall = on_disk["overall"]["test"]["soft"]
     per_rel = [on_disk["relations"][r]["test"]["soft"]["p@1"] for r in ("P19", "P20")]
     assert overall["macro_p@1"] == pytest.approx(sum(per_rel) / 2)
@@ -322,15 +296,7 @@ def test_two_processes_match_one_and_only_the_main_process_writes(fx, tmp_path):
 
     wrapper = tmp_path / "audit_launch.py"
     wrapper.write_text(AUDIT_WRAPPER)
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "true",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "AUDIT_ROOT": str(double),
-        "AUDIT_LOG_DIR": str(tmp_path),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-    }
+    env = script_environment(AUDIT_ROOT=str(double), AUDIT_LOG_DIR=str(tmp_path))
     cmd = [
         *two_process_launch(29500),
         str(wrapper),

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from conftest import save_tiny_bert
 
 SUBJECTS = ["Anna", "Bruno", "Carla", "Dario", "Elena", "Fabio", "Gina", "Hugo", "Ivo", "Lara", "Marco", "Nina"]
@@ -51,3 +52,24 @@ def build_fixture(root: Path) -> SimpleNamespace:
     write_jsonl(root / "templates" / "lpaqa_mined.jsonl", [{"relation": r, "template": t} for r, t in TEMPLATES])
     write_jsonl(root / "templates" / "lama.jsonl", [{"relation": r, "template": t} for r, t in TEMPLATES[::3]])
     return SimpleNamespace(root=root, model=root / "model", model_nodrop=root / "model_nodrop", trex=root / "trex")
+
+
+def check_two_relation_outputs(on_disk: dict, out: Path) -> None:
+    """What a 3-epoch run over P19 and P20 of the fixture writes: results.json's rows, histories and best epochs,
+    and each relation's checkpoints (shared by the library's test and the script's)."""
+    assert list(on_disk["rows"]) == ["hard_first", "hard_mixture", "soft"]
+    for relation in ("P19", "P20"):
+        entry = on_disk["relations"][relation]
+        assert entry["facts"] == {"train": 40, "dev": 16, "test": 16}
+        history = entry["history"]
+        assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+        # the kept state is the best on dev, and its dev P@1 is what the metric reports for the soft row
+        best = max(history, key=lambda h: h["dev_p@1"])
+        assert entry["best_epoch"] == best["epoch"]
+        assert entry["dev"]["soft"]["p@1"] == pytest.approx(best["dev_p@1"])
+        # the hard single-template row is template 1's own column of the per-template scores
+        assert entry["test"]["hard_first"]["p@1"] == pytest.approx(entry["test_hard_template_p@1"][0])
+        # training lowers the dev loss of the frozen model's answers
+        assert min(h["dev_loss"] for h in history[1:]) < history[0]["dev_loss"]
+        assert (out / relation / "checkpoints" / "epoch_3").is_dir()
+        assert not list((out / relation / "checkpoints").glob(".epoch_*"))  # no staging folder left behind
