@@ -715,6 +715,24 @@ class Bench:
         tok_dir = build_tokenizer(texts, PRESETS["probe"][4], self.tmp / "tok-probe")
         return random_mlm("probe", self.device), str(tok_dir), "random model of the probe LM's shape"
 
+    def test_facts(self, relation: str, per_relation: int | None) -> list[tuple[str, str]]:
+        """A relation's T-REx test facts with a subject and an object, the first ``per_relation`` of them if given."""
+        facts = [f for f in relation_facts(self.data_dir, relation, "test") if f[0] and f[1]]
+        return facts if per_relation is None else facts[:per_relation]
+
+    def with_relation_adapter(
+        self, pm: PeftModelForSoftMixture | None, base: Any, relation: str, tok_dir: str
+    ) -> PeftModelForSoftMixture:
+        """``pm`` with an adapter named ``relation`` of the relation's first K templates (built on ``base`` if
+        ``pm`` is None)."""
+        config = SoftMixtureConfig(
+            templates=relation_templates(self.data_dir, relation, self.args.eval_k), tokenizer_name_or_path=tok_dir
+        )
+        if pm is None:
+            return cast(PeftModelForSoftMixture, get_peft_model(base, config, adapter_name=relation))
+        pm.add_adapter(relation, config)
+        return pm
+
     def trex_eval(self, relations: list[str], per_relation: int | None) -> dict[str, Any]:
         """Evaluate T-REx test facts, K templates per relation, from a cold query cache."""
         args, device = self.args, self.device
@@ -727,17 +745,9 @@ class Bench:
         synchronize(device)
         start = time.perf_counter()
         for relation in relations:
-            facts = [f for f in relation_facts(self.data_dir, relation, "test") if f[0] and f[1]]
-            if per_relation is not None:
-                facts = facts[:per_relation]
+            facts = self.test_facts(relation, per_relation)
             t0 = time.perf_counter()
-            config = SoftMixtureConfig(
-                templates=relation_templates(self.data_dir, relation, args.eval_k), tokenizer_name_or_path=tok_dir
-            )
-            if pm is None:
-                pm = cast(PeftModelForSoftMixture, get_peft_model(base, config, adapter_name=relation))
-            else:
-                pm.add_adapter(relation, config)
+            pm = self.with_relation_adapter(pm, base, relation, tok_dir)
             pm.set_adapter(relation)
             pm.eval()
             setup_s += time.perf_counter() - t0
@@ -793,16 +803,8 @@ class Bench:
         facts: list[tuple[str, str]] = []
         names: list[str] = []
         for relation in relations:
-            rel_facts = [f for f in relation_facts(self.data_dir, relation, "test") if f[0] and f[1]]
-            if per_relation is not None:
-                rel_facts = rel_facts[:per_relation]
-            config = SoftMixtureConfig(
-                templates=relation_templates(self.data_dir, relation, args.eval_k), tokenizer_name_or_path=tok_dir
-            )
-            if pm is None:
-                pm = cast(PeftModelForSoftMixture, get_peft_model(base, config, adapter_name=relation))
-            else:
-                pm.add_adapter(relation, config)
+            rel_facts = self.test_facts(relation, per_relation)
+            pm = self.with_relation_adapter(pm, base, relation, tok_dir)
             facts += rel_facts
             names += [relation] * len(rel_facts)
         assert pm is not None
