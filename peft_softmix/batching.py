@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from .facts import Fact
+from .inputs import BATCH_KEYS
 
 __all__ = [
     "MODEL_INPUTS",
@@ -121,7 +122,7 @@ class FactCollator:
         return batch
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "roles", "mask_positions", "fact_index", "labels", "encoded_for")
+MODEL_INPUTS = BATCH_KEYS
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:

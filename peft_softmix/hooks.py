@@ -200,16 +200,18 @@ def deep_prompt_hooks(layers: list[nn.Module], offsets: torch.Tensor, positions:
 
 @contextmanager
 def gather_mask_positions(backbone: nn.Module, mask_positions: torch.Tensor) -> Iterator[None]:
-    """Make the backbone return only the hidden state at each row's mask position (``[N, 1, H]``).
+    """Make the backbone return only the hidden state at each row's mask position (``[N, 1, H]``), or at each of
+    its ``L`` positions for ``mask_positions`` of shape ``[N, L]`` (``[N, L, H]``).
 
-    MLM heads act on each position independently, so the head (the vocabulary projection, most of the compute for
-    short prompts) then runs on N positions instead of N x T.
+    LM heads act on each position independently, so the head (the vocabulary projection, most of the compute for
+    short prompts) then runs on N (or N x L) positions instead of N x T.
     """
 
     def hook(module, args, output):
         hidden = output[0] if not isinstance(output, torch.Tensor) else output
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        picked = hidden[rows, mask_positions.to(hidden.device)].unsqueeze(1)
+        where = mask_positions.to(hidden.device)
+        picked = hidden[rows, where].unsqueeze(1) if where.dim() == 1 else hidden[rows[:, None], where]
         if isinstance(output, torch.Tensor):
             return picked
         if isinstance(output, ModelOutput):

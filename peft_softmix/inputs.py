@@ -83,8 +83,18 @@ def candidate_mask(candidate_ids: Sequence[int] | None, vocab_size: int, device:
     return mask
 
 
-# what `encode` returns ("labels" only when objects are given, "encoded_for" when the processor names its adapter)
-BATCH_KEYS = ("input_ids", "attention_mask", "roles", "mask_positions", "fact_index", "labels", "encoded_for")
+# what `encode` returns ("labels" only when objects are given, "encoded_for" when the processor names its adapter,
+# "target_positions" for objects of any length)
+BATCH_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "roles",
+    "mask_positions",
+    "fact_index",
+    "labels",
+    "encoded_for",
+    "target_positions",
+)
 
 # keyword arguments that transformers, PEFT and Accelerate pass to a model's forward: accepted deliberately
 _PASSED_THROUGH = ("return_dict", "output_attentions", "output_hidden_states", "num_items_in_batch")

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
-from transformers.utils import ModelOutput
 
 from .answers import query_model
 from .architectures import (
@@ -31,32 +29,18 @@ from .architectures import (
 from .config import SoftMixtureConfig, naming_config_file
 from .hooks import deep_prompt_hooks, gather_mask_positions, soft_word_embeddings
 from .inputs import check_forward_kwargs
-from .mixture import mix_rows, mix_templates, mixture_loss
+from .mixture import mix_templates
 from .model import SoftMixtureModel
+from .objects import encode_objects
 from .processing import IGNORE_INDEX, SoftMixtureProcessor, encode_facts
+from .ranking import CandidateScores, score_candidates
 from .routing import hard_route, resolve_adapter_names, route
+from .scoring import SoftMixtureOutput, object_head, vocabulary_head
 from .serialization import AdapterFilesMixin, check_adapter_fits
 from .tokenization import TemplateLayout, encode_query
 from .trust import base_model_name, load_tokenizer
 
 __all__ = ["IGNORE_INDEX", "PeftModelForSoftMixture", "SoftMixtureOutput", "mix_templates"]
-
-
-@dataclass
-class SoftMixtureOutput(ModelOutput):
-    """
-    Args:
-        loss: mean of -log p(y|x) over the facts that have a label; None when no labels are given.
-        log_probs: ``[B, V]`` log of each fact's mixture distribution over the vocabulary at the mask, unless the
-            forward was called with ``return_log_probs=False``.
-        template_log_probs: ``[N, V]`` each row's (fact and template's) log p_k(y|x), when asked for.
-        log_weights: ``[N]`` each row's log mixture weight log pi_k (uniform with the adapters disabled).
-    """
-
-    loss: torch.Tensor | None = None
-    log_probs: torch.Tensor | None = None
-    template_log_probs: torch.Tensor | None = None
-    log_weights: torch.Tensor | None = None
 
 
 class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
@@ -225,6 +209,7 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         device: Any = None,
         adapter_names: Sequence[str] | None = None,
         strict: bool = False,
+        multi_token: bool = False,
     ) -> dict[str, Any]:
         """Fill each fact's templates with its subject: one row per (fact, template), see `encode_facts`.
 
@@ -232,11 +217,17 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         that facts of several relations share one batch; run it with ``model(**batch, adapter_names=...)``. An
         object that is not one token is labelled -100 with a warning, or refused with ``strict=True``. Raises
         `QueryTooLongError` for a query longer than `max_query_length`.
+
+        ``multi_token=True`` takes objects of any length: ``[Y]`` gets one mask per object token, the batch gains
+        ``target_positions`` and its ``labels`` are ``[B, L]`` (see `peft_softmix.objects.encode_objects`).
         """
+        names = resolve_adapter_names(adapter_names, None, self.active_adapter, self._processors, len(subjects))
+        processors = [self._processors[n] for n in names]
+        if multi_token:
+            return encode_objects(processors, subjects, objects, device=device, strict=strict)
         if adapter_names is None:
             return self.processor.encode(subjects, objects, device=device, strict=strict)
-        names = resolve_adapter_names(adapter_names, None, None, self._processors, len(subjects))
-        return encode_facts([self._processors[n] for n in names], subjects, objects, device=device, strict=strict)
+        return encode_facts(processors, subjects, objects, device=device, strict=strict)
 
     @property
     def max_query_length(self) -> int | None:
@@ -269,6 +260,7 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         return_log_probs: bool = True,
         adapter_names: Sequence[str] | None = None,
         encoded_for: Sequence[str] | None = None,
+        target_positions: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> SoftMixtureOutput | tuple:
         """Score the mask of every row and mix each fact's rows: log p(y|x) = logsumexp_k(log pi_k + log p_k(y|x)).
@@ -287,6 +279,8 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
             adapter_names: the adapter of each fact (PEFT's mixed-batch convention); default: the active adapter.
             encoded_for: the adapters the batch was encoded for (`encode` sets it): running it through others is
                 refused.
+            target_positions: ``[N, L]`` the masks of each row, for objects of any length (``encode(...,
+                multi_token=True)``); ``labels`` are then ``[B, L]`` and the output has ``object_log_probs``.
             kwargs: ``return_dict`` (False: a tuple), ``output_attentions`` / ``output_hidden_states`` (False only)
                 and ``num_items_in_batch`` (the Trainer's count of labelled facts over the batches it accumulates:
                 the loss is then their summed -log p divided by it) are accepted; anything else is a TypeError.
@@ -324,27 +318,26 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
                 )
                 if path.deep_offsets is not None:
                     stack.enter_context(deep_prompt_hooks(self._layers, path.deep_offsets, path.positions))
+            where = mask_positions if target_positions is None else target_positions
             if self._gather_ok:
                 backbone = cast(nn.Module, find_backbone(self.base_model))
-                stack.enter_context(gather_mask_positions(backbone, mask_positions))
+                stack.enter_context(gather_mask_positions(backbone, where))
             logits = self.base_model(input_ids=input_ids, attention_mask=attention_mask).logits
-        # with the mask-only head the logits are already [N, 1, V]
-        logits = logits[:, 0] if self._gather_ok else logits[torch.arange(N, device=logits.device), mask_positions]
-        logits = logits.float()
-        if candidate_mask is not None:
-            logits = logits.masked_fill(~candidate_mask.to(logits.device), float("-inf"))
-        template_log_probs = torch.log_softmax(logits, dim=-1)
-        log_weights = path.log_weights.to(template_log_probs.device)
-        log_probs = mix_rows(template_log_probs, log_weights, path.groups) if return_log_probs else None
-        loss = None
-        if labels is not None:
-            loss = mixture_loss(template_log_probs, labels, log_weights, path.groups, kwargs.get("num_items_in_batch"))
-        out = SoftMixtureOutput(
-            loss=loss,
-            log_probs=log_probs,
-            template_log_probs=template_log_probs if return_template_log_probs else None,
-            log_weights=path.row_log_weights() if log_weights.shape[0] != N else log_weights,
-        )
+        num_items = kwargs.get("num_items_in_batch")
+        if target_positions is not None:
+            if candidate_mask is not None:
+                raise ValueError("candidate_mask restricts single-token answers; rank objects of any length with "
+                                 "peft_model.score_candidates(subjects, candidates).")  # fmt: skip
+            # with the mask-only head the logits are already [N, L, V]
+            rows = torch.arange(N, device=logits.device)[:, None]
+            logits = logits if self._gather_ok else logits[rows, where.to(logits.device)]
+            out = object_head(logits, path, labels, return_template_log_probs, num_items)
+        else:
+            # with the mask-only head the logits are already [N, 1, V]
+            logits = logits[:, 0] if self._gather_ok else logits[torch.arange(N, device=logits.device), mask_positions]
+            out = vocabulary_head(
+                logits, path, labels, candidate_mask, return_template_log_probs, return_log_probs, num_items
+            )
         return out if return_dict else out.to_tuple()
 
     def query(
@@ -359,6 +352,18 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         """The top-k fillers of ``[Y]`` for each subject, best first, through each subject's adapter (see
         `peft_softmix.answers.query`, which documents the answer format)."""
         return query_model(self, subjects, top_k, return_template_probs, candidate_ids, batch_size, adapter_names)
+
+    def score_candidates(
+        self,
+        subjects: Sequence[str],
+        candidates: Sequence[str],
+        adapter_names: Sequence[str] | None = None,
+        batch_size: int = 32,
+        return_template_log_probs: bool = False,
+    ) -> CandidateScores:
+        """log p(c|x) of candidate objects of any length for each subject, one forward pass per candidate length
+        (see `peft_softmix.ranking.score_candidates`)."""
+        return score_candidates(self, subjects, candidates, adapter_names, batch_size, return_template_log_probs)
 
     def mixture_weights(self, adapter_name: str | None = None) -> list[float]:
         """The mixture weights pi_k of an adapter (the active one by default)."""

@@ -307,6 +307,17 @@ def check_special_tokens(tokenizer: PreTrainedTokenizerBase, subjects: Any) -> N
             )
 
 
+def check_shared_vocabulary(processors: Sequence[SoftMixtureProcessor]) -> None:
+    """Facts of several adapters share a batch only when their tokenizers have the same vocabulary."""
+    first = processors[0]
+    for processor in dict.fromkeys(processors):
+        if processor.tokenizer is not first.tokenizer and processor.vocabulary_key() != first.vocabulary_key():
+            raise ValueError(
+                f"Adapters '{first.adapter_name}' and '{processor.adapter_name}' use different tokenizers, so their "
+                "queries cannot share a batch; encode them separately."
+            )
+
+
 def encode_facts(
     processors: Sequence[SoftMixtureProcessor],
     subjects: Sequence[str],
@@ -333,12 +344,8 @@ def encode_facts(
     check_objects(subjects, objects, "encode")
     first = processors[0]
     by_processor: dict[int, SoftMixtureProcessor] = {id(p): p for p in processors}
+    check_shared_vocabulary(processors)
     for processor in by_processor.values():
-        if processor.tokenizer is not first.tokenizer and processor.vocabulary_key() != first.vocabulary_key():
-            raise ValueError(
-                f"Adapters '{first.adapter_name}' and '{processor.adapter_name}' use different tokenizers, so their "
-                "queries cannot share a batch; encode them separately."
-            )
         processor._tokenise([s for p, s in zip(processors, subjects) if p is processor])
     entries: list[_CachedQuery] = []
     fact_of_row: list[int] = []

@@ -1,0 +1,201 @@
+"""Objects of any length: their tokens, and the rows that score them.
+
+An object of n tokens fills ``[Y]`` with n mask tokens. Each (fact, template) row is the cached single-mask query of
+`SoftMixtureProcessor` with its one mask widened to n in place, so the template words, their soft-word numbering and
+the subject's tokens are exactly those of the single-token setting; only the slot grows. Logits at the n masks score
+the object's n tokens, each given the others (all masks are present at once): log p_k(y|x) = sum_j log p_k(y_j|x).
+
+`encode_objects` builds such a batch: ``target_positions`` ``[N, L]`` (the masks of each row, L the longest object of
+the batch) and, with objects, ``labels`` ``[B, L]`` (each fact's object tokens, -100 past its end). A batch of
+single-token objects holds exactly the single-token setting's rows.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+from weakref import WeakKeyDictionary
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from transformers import PreTrainedTokenizerBase
+
+from .errors import DataFormatError, QueryTooLongError, TemplateError
+from .inputs import check_objects, check_subjects
+from .processing import (
+    IGNORE_INDEX,
+    BoundedCache,
+    DroppedObjectsWarning,
+    SoftMixtureProcessor,
+    check_shared_vocabulary,
+    check_special_tokens,
+)
+from .tokenization import MASK
+
+__all__ = ["encode_objects", "object_tokens", "read_candidates", "tokenize_objects"]
+
+# Objects' token ids kept per tokenizer (a relation has a few hundred distinct objects; T-REx a few thousand).
+_CACHE_SIZE = 65_536
+_TOKENS: WeakKeyDictionary[PreTrainedTokenizerBase, BoundedCache[str, tuple[int, ...]]] = WeakKeyDictionary()
+
+
+def object_tokens(tokenizer: PreTrainedTokenizerBase, obj: str) -> tuple[int, ...]:
+    """The token ids ``obj`` is when it fills ``[Y]`` after a space: ``("New York City")`` -> 3 ids with WordPiece.
+
+    Empty when the tokenizer cannot write it (an unknown piece): no answer of the model can then be ``obj``. Raises
+    `ValueError` for an empty object.
+    """
+    if not isinstance(obj, str) or not obj.strip():
+        raise ValueError(f"The object {obj!r} is empty; every fact needs an object with at least one character.")
+    cache = _TOKENS.get(tokenizer)
+    if cache is None:
+        cache = _TOKENS[tokenizer] = BoundedCache(_CACHE_SIZE)
+    found = cache.get(obj)
+    if found is not None:
+        return found
+    # a bare space marker (SentencePiece's '▁' before a word it splits) belongs to the slot's space, not the object
+    pieces = [p for p in tokenizer.tokenize(" " + obj.strip()) if p not in ("▁", "Ġ", "")]
+    ids = [int(cast(int, tokenizer.convert_tokens_to_ids(p))) for p in pieces]
+    tokens = () if not ids or tokenizer.unk_token_id in ids else tuple(ids)
+    cache[obj] = tokens
+    return tokens
+
+
+def tokenize_objects(
+    tokenizer: PreTrainedTokenizerBase, objects: Sequence[str | None], strict: bool = False
+) -> list[tuple[int, ...]]:
+    """`object_tokens` of each object (``()`` for None). An object with an unknown piece gets ``()`` with a
+    `DroppedObjectsWarning` (its fact is left out of the loss and metrics), or a `ValueError` with ``strict=True``."""
+    out = [() if obj is None else object_tokens(tokenizer, obj) for obj in objects]
+    bad = list(dict.fromkeys(o for o, t in zip(objects, out) if o is not None and not t))
+    if bad:
+        shown = ", ".join(repr(o) for o in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        message = (
+            f"{len(bad)} object(s) hold a piece that {type(tokenizer).__name__} cannot write (its unknown token), so "
+            f"no answer of the model can be them: {shown}."
+        )
+        if strict:
+            raise ValueError(message + " Drop those facts first.")
+        warnings.warn(message + " Their facts get label -100 (skipped).", DroppedObjectsWarning, stacklevel=3)
+    return out
+
+
+def read_candidates(path: str | Path) -> list[str]:
+    """A candidates file: one object per line (UTF-8). An empty line is an error naming its line; duplicates are
+    kept once, in first-seen order."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataFormatError(f"Cannot read the candidates file {path}: {error}.") from error
+    out: dict[str, None] = {}
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text:
+            if number == len(lines):
+                continue  # a trailing blank line
+            raise DataFormatError(f"{path}, line {number}: an empty line; write one candidate object per line.")
+        out[text] = None
+    if not out:
+        raise DataFormatError(f"The candidates file {path} holds no candidate; write one object per line.")
+    return list(out)
+
+
+def encode_objects(
+    processors: Sequence[SoftMixtureProcessor],
+    subjects: Sequence[str],
+    objects: Sequence[str | None] | None = None,
+    num_masks: Sequence[int] | None = None,
+    device: Any = None,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Fill the templates of ``processors[b]`` with ``subjects[b]`` and one mask per token of ``objects[b]``.
+
+    Without objects, ``num_masks[b]`` masks (to rank candidates of that length, or to decode). Returns the keys of
+    `encode_facts` (``mask_positions`` is each row's first mask) and ``target_positions`` ``[N, L]``; with objects
+    ``labels`` is ``[B, L]`` (each object's tokens, -100 after its end, all -100 for an object the tokenizer cannot
+    write). Raises `QueryTooLongError`, naming the model's limit, when an object makes a query too long.
+    """
+    check_subjects(subjects, "encode")
+    check_objects(subjects, objects, "encode")
+    first = processors[0]
+    check_shared_vocabulary(processors)
+    if objects is not None:
+        tokens = tokenize_objects(first.tokenizer, objects, strict=strict)
+        if not any(tokens):
+            raise ValueError(
+                f"None of the {len(subjects)} object(s) of this batch can be written by "
+                f"{type(first.tokenizer).__name__}, so the batch has no usable label (its loss would be a silent 0)."
+            )
+        counts = [max(len(t), 1) for t in tokens]
+    elif num_masks is not None:
+        bad = [n for n in num_masks if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+        if len(num_masks) != len(subjects) or bad:
+            raise ValueError(f"num_masks takes one whole number >= 1 per subject, got {list(num_masks)!r}.")
+        counts, tokens = list(num_masks), []
+    else:
+        raise ValueError("encode_objects needs objects, or num_masks (how many masks each subject's [Y] gets).")
+    for processor in dict.fromkeys(processors):
+        if processor.tokenizer.mask_token_id is None:
+            raise TemplateError(f"The tokenizer of adapter '{processor.adapter_name}' has no mask token.")
+        mine = [s for p, s in zip(processors, subjects) if p is processor]
+        check_special_tokens(processor.tokenizer, dict.fromkeys(mine))
+        processor._tokenise(mine)
+    rows: list[torch.Tensor] = []
+    firsts: list[int] = []
+    fact_of_row: list[int] = []
+    mask_id = cast(int, first.tokenizer.mask_token_id)
+    for b, (processor, subject, n) in enumerate(zip(processors, subjects, counts)):
+        limit = processor.max_query_length
+        slot = torch.tensor([[mask_id, MASK]] * n, dtype=torch.long)
+        for k, entry in enumerate(processor._rows(subject)):
+            p = entry.query.mask_position
+            row = entry.row if n == 1 else torch.cat([entry.row[:p], slot, entry.row[p + 1 :]])
+            if limit is not None and row.shape[0] > limit:
+                _too_long(processor, k, subject, objects[b] if objects is not None else None, n, row.shape[0])
+            rows.append(row)
+            firsts.append(p)
+            fact_of_row.append(b)
+    pad = first.tokenizer.pad_token_id if first.tokenizer.pad_token_id is not None else 0
+    padded = pad_sequence(rows, batch_first=True, padding_value=-1)  # role -1 = hard
+    lengths = torch.tensor([row.shape[0] for row in rows])
+    attention_mask = (torch.arange(padded.shape[1]) < lengths[:, None]).long()
+    L = max(counts)
+    fact_index = torch.tensor(fact_of_row)
+    row_counts = torch.tensor(counts).index_select(0, fact_index)
+    steps = torch.arange(L)
+    mask_positions = torch.tensor(firsts)
+    # past a row's last mask the position repeats its first (any real position would do: its target is -100)
+    first_masks = mask_positions[:, None]
+    target_positions = torch.where(steps < row_counts[:, None], first_masks + steps, first_masks)
+    batch: dict[str, Any] = {
+        "input_ids": padded[..., 0].masked_fill(attention_mask == 0, pad),
+        "attention_mask": attention_mask,
+        "roles": padded[..., 1].contiguous(),
+        "mask_positions": mask_positions,
+        "fact_index": fact_index,
+        "target_positions": target_positions,
+    }
+    if objects is not None:
+        labels = torch.full((len(subjects), L), IGNORE_INDEX, dtype=torch.long)
+        for b, ids in enumerate(tokens):
+            if ids:
+                labels[b, : len(ids)] = torch.tensor(ids)
+        batch["labels"] = labels
+    if device is not None:
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    names = [p.adapter_name for p in processors]
+    if all(name is not None for name in names):
+        batch["encoded_for"] = tuple(cast(list[str], names))
+    return batch
+
+
+def _too_long(processor: SoftMixtureProcessor, k: int, subject: str, obj: str | None, n: int, length: int) -> None:
+    what = f"the object {obj!r} ({n} tokens)" if obj is not None else f"{n} masks"
+    raise QueryTooLongError(
+        f"With {what}, the query for subject {subject!r} with template {processor.layouts[k].template!r} is {length} "
+        f"tokens long, but {processor.model_name} takes at most {processor.max_query_length}. Leave out objects that "
+        "long (or shorten the template)."
+    )
