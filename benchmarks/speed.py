@@ -64,6 +64,7 @@ import peft_softmix  # noqa: E402, F401  (registers SOFT_MIXTURE with PEFT)
 from peft_softmix import PeftModelForSoftMixture, SoftMixtureConfig, SoftMixtureModel  # noqa: E402
 from peft_softmix.architectures import find_backbone  # noqa: E402
 from peft_softmix.hooks import SoftPositions, deep_prompt_hooks, gather_mask_positions  # noqa: E402
+from peft_softmix.objects import object_tokens  # noqa: E402
 from peft_softmix.peft_model import mix_templates  # noqa: E402
 from peft_softmix.tokenization import object_token_id  # noqa: E402
 
@@ -700,6 +701,75 @@ class Bench:
         )
         return cases
 
+    # -- ranking candidate objects of any length (issue #17) ---------------------------------------------
+
+    def candidate_cases(self) -> tuple[list[Case], dict[str, Any]]:
+        """Facts per second ranking a relation's candidate objects (any length) against single-token evaluation over
+        the vocabulary, on the same model, adapter and facts; and how the cost grows with the number of candidates."""
+        args, device = self.args, self.device
+        pm = self.train_pm
+        name = f"k{args.eval_k}_shallow"
+        if name not in pm.peft_config:
+            templates = relation_templates(self.data_dir, args.relation, args.eval_k)
+            pm.add_adapter(
+                name, SoftMixtureConfig(templates=templates, tokenizer_name_or_path=str(self.train_tokenizer_dir))
+            )
+        pm.set_adapter(name)
+        tokenizer = pm.tokenizer
+        facts = [f for f in relation_facts(self.data_dir, args.relation, "test") if f[0] and f[1]]
+        facts = (facts * (1 + args.eval_facts // max(1, len(facts))))[: args.eval_facts]
+        subjects = [s for s, _ in facts]
+        # every distinct object of the relation that the tokenizer can write, of any length
+        objects = [
+            o for split in ("train", "dev", "test") for _, o in relation_facts(self.data_dir, args.relation, split)
+        ]
+        candidates = [o for o in dict.fromkeys(objects) if o and object_tokens(tokenizer, o)]
+        lengths = Counter(len(object_tokens(tokenizer, c)) for c in candidates)
+        size = args.eval_batch_facts
+        pm.encode(subjects)  # warm the query cache, as in the eval group
+
+        def single_token() -> None:
+            with torch.inference_mode():
+                for start in range(0, len(subjects), size):
+                    pm(**pm.encode(subjects[start : start + size], device=device)).log_probs.argmax(-1)
+
+        def ranked(chosen: list[str]) -> Callable[[], None]:
+            return lambda: pm.score_candidates(subjects, chosen, batch_size=size)
+
+        # the same distinct lengths with one candidate each: if the cost grows with lengths only, this costs as much
+        one_per_length = list({len(object_tokens(tokenizer, c)): c for c in reversed(candidates)}.values())
+        naive_candidates = one_per_length[:4]
+
+        def naive() -> None:
+            # one forward per candidate: the cost that grouping candidates by length avoids
+            with torch.inference_mode():
+                for candidate in naive_candidates:
+                    for start in range(0, len(subjects), size):
+                        chunk = subjects[start : start + size]
+                        pm(**pm.encode(chunk, [candidate] * len(chunk), device=device, multi_token=True))
+
+        def setup() -> None:
+            pm.set_adapter(name)
+            pm.eval()
+
+        extra = {"K": args.eval_k}
+        cases = [
+            Case("cand_single_token_vocab", single_token, len(facts), 0, setup, extra),
+            Case("cand_rank_one_per_length", ranked(one_per_length), len(facts), 0, setup, extra),
+            Case("cand_rank_all", ranked(candidates), len(facts), 0, setup, extra),
+            Case("cand_naive_loop", naive, len(facts), 0, setup, extra),
+        ]
+        naive_tokens = sum(len(object_tokens(tokenizer, c)) for c in naive_candidates)
+        all_tokens = sum(len(object_tokens(tokenizer, c)) for c in candidates)
+        info = {
+            "candidates": len(candidates),
+            "candidate_lengths": dict(sorted(lengths.items())),
+            "naive_candidates": len(naive_candidates),
+            # a naive loop's time grows with the candidates' tokens: the projection to all candidates
+            "naive_to_all_scale": round(all_tokens / naive_tokens, 2),
+        }
+        return cases, info
+
     # -- the whole T-REx test split ---------------------------------------------------------------------
 
     def trex_model(self) -> tuple[BertForMaskedLM, str, str]:
@@ -905,7 +975,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trex_sample_facts", type=int, default=200, help="Test facts per sampled relation.")
     parser.add_argument("--full_trex_eval", action="store_true", help="Evaluate the whole T-REx test split.")
     parser.add_argument("--bf16", action="store_true", help="Also time bf16 autocast (Accelerate) variants.")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "eval", "trex"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "eval", "candidates", "trex"])
     parser.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR))
     parser.add_argument("--probe_lm", default=str(DEFAULT_PROBE_LM))
     args = parser.parse_args(argv)
@@ -950,6 +1020,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             evals = bench.eval_cases()
             time_round_robin(evals, args.eval_repeats, args.warmup, device, args.min_call_ms / 1e3)
             report(f"eval ({args.eval_facts} facts, {args.eval_batch_facts} per batch)", evals, cases)
+
+    if "candidates" not in args.skip:
+        if not hasattr(bench, "train_pm"):
+            bench.train_cases()  # builds the model and tokenizer the evaluation groups share
+        ranking, ranking_info = bench.candidate_cases()
+        time_round_robin(ranking, args.eval_repeats, args.warmup, device, args.min_call_ms / 1e3)
+        report(f"candidates ({args.eval_facts} facts, {ranking_info})", ranking, cases)
 
     summary: dict[str, Any] = {"device": str(device), "machine": machine, "preset": args.preset}
     by_min: dict[str, float] = {}
@@ -996,6 +1073,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("full_vocab", "common_vocab"):
         if f"eval_{name}_sorted" in cases:
             summary[f"eval_facts_per_s_{name}"] = round(args.eval_facts / cases[f"eval_{name}_sorted"].median_s, 1)
+    if "candidates" not in args.skip:
+        summary["candidates"] = ranking_info
+        for case_name in ("cand_single_token_vocab", "cand_rank_all"):
+            summary[f"{case_name}_facts_per_s"] = round(args.eval_facts / cases[case_name].median_s, 1)
+        add("cand_rank_all_over_single_token_eval", "cand_rank_all", "cand_single_token_vocab")
+        add("cand_rank_all_over_one_per_length", "cand_rank_all", "cand_rank_one_per_length")
+        add("cand_naive_loop_over_rank_all", "cand_naive_loop", "cand_rank_all")
+        if "cand_naive_loop_over_rank_all" in summary:
+            projected = summary["cand_naive_loop_over_rank_all"] * ranking_info["naive_to_all_scale"]
+            summary["cand_naive_loop_projected_to_all_over_rank_all"] = round(projected, 1)
     # on a shared machine a step that lost its core is slow by chance: the minimum and (with one thread) the
     # process CPU time are steadier estimates than the median wall time
     summary["ratios_by_min_wall_time"] = by_min
