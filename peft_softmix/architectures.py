@@ -65,6 +65,24 @@ def unsupported_reason(kind: str, deep: bool) -> str | None:
     return None
 
 
+def model_kind(model: nn.Module) -> str:
+    """``"causal"`` for a decoder-only LM (its class is one that AutoModelForCausalLM builds), else ``"masked"``."""
+    from transformers.models.auto import modeling_auto
+
+    def classes(mapping: Any) -> set[str]:
+        names = [v for value in mapping.values() for v in (value if isinstance(value, (tuple, list)) else [value])]
+        return set(names)
+
+    # XLM's LM head is in both tables: it is a masked LM
+    causal = classes(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - classes(
+        modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
+    config = getattr(model, "config", None)
+    if type(model).__name__ in causal and not getattr(config, "is_encoder_decoder", False):
+        return "causal"
+    return "masked"
+
+
 def check_supported(model: nn.Module, deep: bool) -> None:
     """Raise `UnsupportedArchitectureError`, naming the model type and the reason, for the types that cannot work."""
     kind = model_type(model)

@@ -94,6 +94,7 @@ BATCH_KEYS = (
     "labels",
     "encoded_for",
     "target_positions",
+    "target_ids",
 )
 
 # keyword arguments that transformers, PEFT and Accelerate pass to a model's forward: accepted deliberately

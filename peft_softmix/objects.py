@@ -32,43 +32,50 @@ from .processing import (
     check_shared_vocabulary,
     check_special_tokens,
 )
-from .tokenization import MASK
+from .tokenization import HARD, MASK
 
 __all__ = ["encode_objects", "object_tokens", "read_candidates", "tokenize_objects"]
 
 # Objects' token ids kept per tokenizer (a relation has a few hundred distinct objects; T-REx a few thousand).
 _CACHE_SIZE = 65_536
-_TOKENS: WeakKeyDictionary[PreTrainedTokenizerBase, BoundedCache[str, tuple[int, ...]]] = WeakKeyDictionary()
+_TOKENS: WeakKeyDictionary[PreTrainedTokenizerBase, BoundedCache[tuple[str, bool], tuple[int, ...]]] = (
+    WeakKeyDictionary()
+)
 
 
-def object_tokens(tokenizer: PreTrainedTokenizerBase, obj: str) -> tuple[int, ...]:
+def object_tokens(tokenizer: PreTrainedTokenizerBase, obj: str, exact: bool = False) -> tuple[int, ...]:
     """The token ids ``obj`` is when it fills ``[Y]`` after a space: ``("New York City")`` -> 3 ids with WordPiece.
 
-    Empty when the tokenizer cannot write it (an unknown piece): no answer of the model can then be ``obj``. Raises
-    `ValueError` for an empty object.
+    A bare space marker (SentencePiece's ``▁``, byte-level BPE's ``Ġ``) before the word is left out, as in the
+    single-token setting (a mask takes the place of the word and its space), unless ``exact`` (a causal LM reads the
+    object's own tokens, space and all). Empty when the tokenizer cannot write it (an unknown piece): no answer of
+    the model can then be ``obj``. Raises `ValueError` for an empty object.
     """
     if not isinstance(obj, str) or not obj.strip():
         raise ValueError(f"The object {obj!r} is empty; every fact needs an object with at least one character.")
     cache = _TOKENS.get(tokenizer)
     if cache is None:
         cache = _TOKENS[tokenizer] = BoundedCache(_CACHE_SIZE)
-    found = cache.get(obj)
+    key = (obj, exact)
+    found = cache.get(key)
     if found is not None:
         return found
-    # a bare space marker (SentencePiece's '▁' before a word it splits) belongs to the slot's space, not the object
-    pieces = [p for p in tokenizer.tokenize(" " + obj.strip()) if p not in ("▁", "Ġ", "")]
+    pieces = [p for p in tokenizer.tokenize(" " + obj.strip()) if p != ""]
+    if not exact:
+        pieces = [p for p in pieces if p not in ("▁", "Ġ")]
     ids = [int(cast(int, tokenizer.convert_tokens_to_ids(p))) for p in pieces]
-    tokens = () if not ids or tokenizer.unk_token_id in ids else tuple(ids)
-    cache[obj] = tokens
+    unknown = tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids
+    tokens = () if not ids or unknown else tuple(ids)
+    cache[key] = tokens
     return tokens
 
 
 def tokenize_objects(
-    tokenizer: PreTrainedTokenizerBase, objects: Sequence[str | None], strict: bool = False
+    tokenizer: PreTrainedTokenizerBase, objects: Sequence[str | None], strict: bool = False, exact: bool = False
 ) -> list[tuple[int, ...]]:
     """`object_tokens` of each object (``()`` for None). An object with an unknown piece gets ``()`` with a
     `DroppedObjectsWarning` (its fact is left out of the loss and metrics), or a `ValueError` with ``strict=True``."""
-    out = [() if obj is None else object_tokens(tokenizer, obj) for obj in objects]
+    out = [() if obj is None else object_tokens(tokenizer, obj, exact) for obj in objects]
     bad = list(dict.fromkeys(o for o, t in zip(objects, out) if o is not None and not t))
     if bad:
         shown = ", ".join(repr(o) for o in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -110,6 +117,7 @@ def encode_objects(
     num_masks: Sequence[int] | None = None,
     device: Any = None,
     strict: bool = False,
+    causal_scoring: str = "prefix",
 ) -> dict[str, Any]:
     """Fill the templates of ``processors[b]`` with ``subjects[b]`` and one mask per token of ``objects[b]``.
 
@@ -117,44 +125,77 @@ def encode_objects(
     `encode_facts` (``mask_positions`` is each row's first mask) and ``target_positions`` ``[N, L]``; with objects
     ``labels`` is ``[B, L]`` (each object's tokens, -100 after its end, all -100 for an object the tokenizer cannot
     write). Raises `QueryTooLongError`, naming the model's limit, when an object makes a query too long.
+
+    For a causal LM's processors the object's own tokens fill ``[Y]`` (teacher forcing), the logits *before* each
+    token score it, and ``target_ids`` ``[N, L]`` says which token each target position scores. ``causal_scoring``:
+    ``"prefix"`` scores the object's tokens given the text before them (templates whose ``[Y]`` comes before ``[X]``
+    are scored as whole sentences, since their prefix does not hold the subject); ``"sentence"`` scores every
+    template as a whole sentence (the object's tokens and everything after them).
     """
     check_subjects(subjects, "encode")
     check_objects(subjects, objects, "encode")
+    if causal_scoring not in ("prefix", "sentence"):
+        raise ValueError(f"causal_scoring is 'prefix' or 'sentence', got {causal_scoring!r}.")
     first = processors[0]
     check_shared_vocabulary(processors)
+    causal = first.causal
     if objects is not None:
-        tokens = tokenize_objects(first.tokenizer, objects, strict=strict)
+        tokens = tokenize_objects(first.tokenizer, objects, strict=strict, exact=causal)
         if not any(tokens):
             raise ValueError(
                 f"None of the {len(subjects)} object(s) of this batch can be written by "
                 f"{type(first.tokenizer).__name__}, so the batch has no usable label (its loss would be a silent 0)."
             )
-        counts = [max(len(t), 1) for t in tokens]
-    elif num_masks is not None:
+    elif num_masks is not None and not causal:
         bad = [n for n in num_masks if isinstance(n, bool) or not isinstance(n, int) or n < 1]
         if len(num_masks) != len(subjects) or bad:
             raise ValueError(f"num_masks takes one whole number >= 1 per subject, got {list(num_masks)!r}.")
-        counts, tokens = list(num_masks), []
+        tokens = [(IGNORE_INDEX,) * n for n in num_masks]
     else:
-        raise ValueError("encode_objects needs objects, or num_masks (how many masks each subject's [Y] gets).")
+        raise ValueError(
+            "encode_objects needs objects"
+            + (" (a causal LM scores the object's own tokens)." if causal else ", or num_masks (masks per [Y]).")
+        )
     for processor in dict.fromkeys(processors):
-        if processor.tokenizer.mask_token_id is None:
-            raise TemplateError(f"The tokenizer of adapter '{processor.adapter_name}' has no mask token.")
+        if processor.causal != causal:
+            raise ValueError("Adapters of masked and causal LMs cannot share a batch; encode them separately.")
         mine = [s for p, s in zip(processors, subjects) if p is processor]
         check_special_tokens(processor.tokenizer, dict.fromkeys(mine))
         processor._tokenise(mine)
     rows: list[torch.Tensor] = []
     firsts: list[int] = []
     fact_of_row: list[int] = []
-    mask_id = cast(int, first.tokenizer.mask_token_id)
-    for b, (processor, subject, n) in enumerate(zip(processors, subjects, counts)):
+    positions: list[list[int]] = []
+    targets: list[list[int]] = []
+    mask_id = first.tokenizer.mask_token_id
+    for b, (processor, subject, ids) in enumerate(zip(processors, subjects, tokens)):
         limit = processor.max_query_length
-        slot = torch.tensor([[mask_id, MASK]] * n, dtype=torch.long)
+        n = max(len(ids), 1)
+        if causal:
+            slot = torch.tensor([[t, HARD] for t in (ids or (0,))], dtype=torch.long)
+        else:
+            slot = torch.tensor([[cast(int, mask_id), MASK]] * n, dtype=torch.long)
         for k, entry in enumerate(processor._rows(subject)):
             p = entry.query.mask_position
-            row = entry.row if n == 1 else torch.cat([entry.row[:p], slot, entry.row[p + 1 :]])
+            row = torch.cat([entry.row[:p], slot, entry.row[p + 1 :]]) if (n > 1 or causal) else entry.row
             if limit is not None and row.shape[0] > limit:
                 _too_long(processor, k, subject, objects[b] if objects is not None else None, n, row.shape[0])
+            if causal:
+                layout = processor.layouts[k]
+                if p == 0:
+                    raise TemplateError(
+                        f"Template {layout.template!r} starts with [Y] and {type(processor.tokenizer).__name__} adds "
+                        "no beginning-of-text token, so a causal LM has nothing to predict the object's first token "
+                        "from. Start the template with a word, or use a tokenizer that adds a BOS token."
+                    )
+                whole = causal_scoring == "sentence" or layout.template.index("[Y]") < layout.template.index("[X]")
+                stop = row.shape[0] - 1 if whole else p + n - 1
+                where = list(range(p - 1, stop))
+                positions.append(where)
+                targets.append(row[p : stop + 1, 0].tolist() if ids else [IGNORE_INDEX] * len(where))
+            else:
+                positions.append(list(range(p, p + n)))
+                targets.append(list(ids) if ids else [IGNORE_INDEX] * n)
             rows.append(row)
             firsts.append(p)
             fact_of_row.append(b)
@@ -162,24 +203,23 @@ def encode_objects(
     padded = pad_sequence(rows, batch_first=True, padding_value=-1)  # role -1 = hard
     lengths = torch.tensor([row.shape[0] for row in rows])
     attention_mask = (torch.arange(padded.shape[1]) < lengths[:, None]).long()
-    L = max(counts)
-    fact_index = torch.tensor(fact_of_row)
-    row_counts = torch.tensor(counts).index_select(0, fact_index)
-    steps = torch.arange(L)
-    mask_positions = torch.tensor(firsts)
-    # past a row's last mask the position repeats its first (any real position would do: its target is -100)
-    first_masks = mask_positions[:, None]
-    target_positions = torch.where(steps < row_counts[:, None], first_masks + steps, first_masks)
+    L = max(len(w) for w in positions)
+    # past a row's last target the position repeats its first (any real position would do: its target is -100)
+    target_positions = torch.tensor([w + [w[0]] * (L - len(w)) for w in positions])
+    target_ids = torch.tensor([t + [IGNORE_INDEX] * (L - len(t)) for t in targets])
     batch: dict[str, Any] = {
         "input_ids": padded[..., 0].masked_fill(attention_mask == 0, pad),
         "attention_mask": attention_mask,
         "roles": padded[..., 1].contiguous(),
-        "mask_positions": mask_positions,
-        "fact_index": fact_index,
+        "mask_positions": torch.tensor(firsts),
+        "fact_index": torch.tensor(fact_of_row),
         "target_positions": target_positions,
     }
+    if causal:
+        batch["target_ids"] = target_ids
     if objects is not None:
-        labels = torch.full((len(subjects), L), IGNORE_INDEX, dtype=torch.long)
+        width = max(len(t) for t in tokens)
+        labels = torch.full((len(subjects), width), IGNORE_INDEX, dtype=torch.long)
         for b, ids in enumerate(tokens):
             if ids:
                 labels[b, : len(ids)] = torch.tensor(ids)

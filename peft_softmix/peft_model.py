@@ -23,6 +23,7 @@ from .architectures import (
     find_backbone,
     input_embeddings,
     max_query_length,
+    model_kind,
     probe_model,
     tied_embedding_modules,
 )
@@ -104,6 +105,7 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
             max_query_length=max_query_length(base, tokenizer),
             model_name=type(base).__name__,
             adapter_name=adapter_name,
+            causal=model_kind(base) == "causal",
         )
         layouts = processor.layouts
         token_ids = [[list(segment) for segment in layout.segments] for layout in layouts]
@@ -210,6 +212,7 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         adapter_names: Sequence[str] | None = None,
         strict: bool = False,
         multi_token: bool = False,
+        causal_scoring: str = "prefix",
     ) -> dict[str, Any]:
         """Fill each fact's templates with its subject: one row per (fact, template), see `encode_facts`.
 
@@ -219,12 +222,15 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         `QueryTooLongError` for a query longer than `max_query_length`.
 
         ``multi_token=True`` takes objects of any length: ``[Y]`` gets one mask per object token, the batch gains
-        ``target_positions`` and its ``labels`` are ``[B, L]`` (see `peft_softmix.objects.encode_objects`).
+        ``target_positions`` and its ``labels`` are ``[B, L]`` (see `peft_softmix.objects.encode_objects`). An
+        adapter of a causal LM always encodes so; ``causal_scoring`` ("prefix" or "sentence") says what it scores.
         """
         names = resolve_adapter_names(adapter_names, None, self.active_adapter, self._processors, len(subjects))
         processors = [self._processors[n] for n in names]
-        if multi_token:
-            return encode_objects(processors, subjects, objects, device=device, strict=strict)
+        if multi_token or processors[0].causal:  # a causal LM always scores the object's own tokens
+            return encode_objects(
+                processors, subjects, objects, device=device, strict=strict, causal_scoring=causal_scoring
+            )
         if adapter_names is None:
             return self.processor.encode(subjects, objects, device=device, strict=strict)
         return encode_facts(processors, subjects, objects, device=device, strict=strict)
@@ -261,6 +267,7 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         adapter_names: Sequence[str] | None = None,
         encoded_for: Sequence[str] | None = None,
         target_positions: torch.Tensor | None = None,
+        target_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> SoftMixtureOutput | tuple:
         """Score the mask of every row and mix each fact's rows: log p(y|x) = logsumexp_k(log pi_k + log p_k(y|x)).
@@ -281,6 +288,7 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
                 refused.
             target_positions: ``[N, L]`` the masks of each row, for objects of any length (``encode(...,
                 multi_token=True)``); ``labels`` are then ``[B, L]`` and the output has ``object_log_probs``.
+            target_ids: ``[N, L]`` the token each target position scores (a causal LM's batches have them).
             kwargs: ``return_dict`` (False: a tuple), ``output_attentions`` / ``output_hidden_states`` (False only)
                 and ``num_items_in_batch`` (the Trainer's count of labelled facts over the batches it accumulates:
                 the loss is then their summed -log p divided by it) are accepted; anything else is a TypeError.
@@ -331,7 +339,7 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
             # with the mask-only head the logits are already [N, L, V]
             rows = torch.arange(N, device=logits.device)[:, None]
             logits = logits if self._gather_ok else logits[rows, where.to(logits.device)]
-            out = object_head(logits, path, labels, return_template_log_probs, num_items)
+            out = object_head(logits, path, labels, return_template_log_probs, num_items, target_ids)
         else:
             # with the mask-only head the logits are already [N, 1, V]
             logits = logits[:, 0] if self._gather_ok else logits[torch.arange(N, device=logits.device), mask_positions]

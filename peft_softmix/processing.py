@@ -110,6 +110,8 @@ class SoftMixtureProcessor:
         model_name (`str`): The base model, as named in that error.
         adapter_name (`str`, *optional*): The adapter these templates belong to; `encode`'s batches record it under
             ``encoded_for``, so that the model refuses to run them through another adapter.
+        causal (`bool`): The templates are for a causal LM: ``[Y]`` holds a placeholder that the object's tokens
+            replace (see `TemplateLayout`), not a mask.
         cache_size (`int`): How many filled templates, and how many objects' token ids, the processor keeps
             (least recently used dropped first; a dropped one is tokenised again, identically, when next needed).
 
@@ -127,10 +129,12 @@ class SoftMixtureProcessor:
         model_name: str = "the base model",
         cache_size: int = DEFAULT_CACHE_SIZE,
         adapter_name: str | None = None,
+        causal: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.adapter_name = adapter_name
-        self.layouts: list[TemplateLayout] = [template_layout(tokenizer, template) for template in templates]
+        self.causal = causal
+        self.layouts: list[TemplateLayout] = [template_layout(tokenizer, t, causal) for t in templates]
         self.max_query_length = max_query_length
         self.model_name = model_name
         # the row of `soft_words` where each template's words start

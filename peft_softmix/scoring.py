@@ -88,8 +88,11 @@ def object_head(
     labels: torch.Tensor | None,
     return_template_log_probs: bool,
     num_items_in_batch: int | torch.Tensor | None,
+    target_ids: torch.Tensor | None = None,
 ) -> SoftMixtureOutput:
-    """Objects of any length: ``logits`` ``[N, L, V]`` at each row's masks, ``labels`` ``[B, L]``."""
+    """Objects of any length: ``logits`` ``[N, L, V]`` at each row's target positions, ``labels`` ``[B, L]`` (the
+    object's tokens: what a masked LM's L masks score), or ``target_ids`` ``[N, L]`` the token each row's target
+    position scores (a causal LM's next tokens; ``labels`` then only say which facts have an object)."""
     template_log_probs = torch.log_softmax(logits.float(), dim=-1)
     log_weights = path.log_weights.to(template_log_probs.device)
     N = logits.shape[0]
@@ -100,17 +103,19 @@ def object_head(
     if labels is None:
         return out
     groups = path.groups
-    if labels.dim() != 2 or labels.shape[0] != groups.num_facts or labels.shape[1] != logits.shape[1]:
+    width = logits.shape[1] if target_ids is None else labels.shape[-1]
+    if labels.dim() != 2 or labels.shape[0] != groups.num_facts or labels.shape[1] != width:
         raise ValueError(
-            f"A batch with target_positions takes labels of shape [facts, masks] = [{groups.num_facts}, "
-            f"{logits.shape[1]}] (encode(..., multi_token=True) makes them), got {tuple(labels.shape)}."
+            f"A batch with target_positions takes labels of shape [facts, object tokens] = [{groups.num_facts}, "
+            f"{width}] (encode(..., multi_token=True) makes them), got {tuple(labels.shape)}."
         )
     keep = (labels != IGNORE_INDEX).any(dim=1)
     if labels.device.type == "cpu" and not bool(keep.any()):
         raise ValueError(
             "Every label of the batch is -100, so its loss would be a silent 0; leave labels out to only query."
         )
-    per_row = object_log_probs(template_log_probs, labels.index_select(0, groups.fact_index))
+    row_targets = labels.index_select(0, groups.fact_index) if target_ids is None else target_ids
+    per_row = object_log_probs(template_log_probs, row_targets)
     mixed = mix_rows(per_row, log_weights, groups)
     # a fact without a label mixes zeros (log sum pi, 0 only up to rounding): masked so that it adds nothing
     total = -(mixed * keep).sum()

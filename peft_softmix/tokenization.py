@@ -36,10 +36,14 @@ class TemplateLayout:
         template: The template text, e.g. ``"[X] was born in [Y] ."``.
         segments: Token ids of the template words in each of the three stretches of text around the two slots
             (before the first slot, between them, after the second).
+        causal: For a causal LM: ``[Y]`` holds a placeholder special token (the tokenizer's end-of-text token)
+            instead of a mask, glued to the word before it, because the object's own tokens carry their leading
+            space (``ĠFlorence``, ``▁Florence``).
     """
 
     template: str
     segments: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+    causal: bool = False
 
     @property
     def token_ids(self) -> list[int]:
@@ -96,8 +100,23 @@ def require_mask_token(tokenizer: PreTrainedTokenizerBase) -> str:
     return mask
 
 
-def _fill(template: str, subject: str, mask: str) -> tuple[str, tuple[int, int], tuple[int, int]]:
-    """Fill both slots; return the text and the character spans of the subject and the mask."""
+def slot_placeholder(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The special token that stands in ``[Y]`` for a causal LM's tokenizer (which has no mask token): its
+    end-of-text token, else another special token that every tokenizer splits off the text."""
+    for token in (tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token, tokenizer.pad_token):
+        if isinstance(token, str) and token.strip() and tokenizer.convert_tokens_to_ids(token) is not None:
+            return token
+    raise TemplateError(
+        f"The tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path!r}) has no special token (end-of-text, "
+        "beginning-of-text, unknown or padding) to mark where [Y] goes; set tokenizer.eos_token."
+    )
+
+
+def _fill(template: str, subject: str, mask: str, glue: bool = False) -> tuple[str, tuple[int, int], tuple[int, int]]:
+    """Fill both slots; return the text and the character spans of the subject and the mask. With ``glue`` the
+    space before ``[Y]`` goes (the object's tokens bring their own)."""
+    if glue:
+        template = template.replace(" " + OBJECT_SLOT, OBJECT_SLOT, 1)
     parts = re.split(r"(\[X\]|\[Y\])", template)
     text, subject_span, mask_span = "", (0, 0), (0, 0)
     for part in parts:
@@ -136,23 +155,31 @@ class _TokenizerFacts:
 
 
 _FACTS: WeakKeyDictionary[PreTrainedTokenizerBase, _TokenizerFacts] = WeakKeyDictionary()
+_CAUSAL_FACTS: WeakKeyDictionary[PreTrainedTokenizerBase, _TokenizerFacts] = WeakKeyDictionary()
 
 
-def _tokenizer_facts(tokenizer: PreTrainedTokenizerBase) -> _TokenizerFacts:
-    facts = _FACTS.get(tokenizer)
+def _tokenizer_facts(tokenizer: PreTrainedTokenizerBase, causal: bool = False) -> _TokenizerFacts:
+    """What tokenising reads from ``tokenizer``; ``causal``: ``[Y]`` is `slot_placeholder`, not the mask token."""
+    table = _CAUSAL_FACTS if causal else _FACTS
+    facts = table.get(tokenizer)
     if facts is None:
-        mask = require_mask_token(tokenizer)
+        if causal:
+            if not tokenizer.is_fast:
+                require_mask_token(tokenizer)  # its error about slow tokenizers
+            mask = slot_placeholder(tokenizer)
+            mask_id = cast(int, tokenizer.convert_tokens_to_ids(mask))
+        else:
+            mask = require_mask_token(tokenizer)
+            mask_id = cast(int, tokenizer.mask_token_id)
         specials = tuple(sorted({t for t in tokenizer.all_special_tokens if t and t.strip()}, key=len, reverse=True))
-        facts = _TokenizerFacts(
-            mask, cast(int, tokenizer.mask_token_id), frozenset(tokenizer.all_special_ids), specials, None
-        )
+        facts = _TokenizerFacts(mask, mask_id, frozenset(tokenizer.all_special_ids), specials, None)
         backend = getattr(tokenizer, "_tokenizer", None)
         if backend is not None and all(
             _encode(tokenizer, facts, text) == _encode_directly(backend, text)
             for text in (f"Zxq Qwerty-Smith was born in {mask} .", f"{mask} , é 1,234 d'Arc  ({mask})")
         ):
             facts = _TokenizerFacts(facts.mask, facts.mask_id, facts.special_ids, facts.special_tokens, backend)
-        _FACTS[tokenizer] = facts
+        table[tokenizer] = facts
     return facts
 
 
@@ -210,7 +237,8 @@ def _kinds(
     kinds, mask_position = [], -1
     mask_id, special_ids = facts.mask_id, facts.special_ids
     for i, ((start, end), special) in enumerate(zip(offsets, special_mask)):
-        if ids[i] == mask_id and mask_position < 0 and _overlaps(start, end, mask_span):
+        # `special` marks only the tokens the tokenizer adds (CLS, BOS): a BOS that is also the slot's token is not it
+        if ids[i] == mask_id and mask_position < 0 and not special and _overlaps(start, end, mask_span):
             kinds.append(MASK)
             mask_position = i
         elif special or (start == end == 0 and ids[i] in special_ids):
@@ -233,14 +261,16 @@ def _kinds(
     return ids, kinds, mask_position
 
 
-def _tokenise(tokenizer: PreTrainedTokenizerBase, template: str, subject: str) -> tuple[list[int], list[int], int]:
+def _tokenise(
+    tokenizer: PreTrainedTokenizerBase, template: str, subject: str, causal: bool = False
+) -> tuple[list[int], list[int], int]:
     """Return input ids, per-token kind (HARD/SUBJECT/MASK, or the template stretch 0..2) and the mask position."""
-    facts = _tokenizer_facts(tokenizer)
-    text, subject_span, mask_span = _fill(template, subject, facts.mask)
+    facts = _tokenizer_facts(tokenizer, causal)
+    text, subject_span, mask_span = _fill(template, subject, facts.mask, glue=causal)
     return _kinds(facts, text, _encode(tokenizer, facts, text), subject_span, mask_span, type(tokenizer).__name__)
 
 
-def template_layout(tokenizer: PreTrainedTokenizerBase, template: str) -> TemplateLayout:
+def template_layout(tokenizer: PreTrainedTokenizerBase, template: str, causal: bool = False) -> TemplateLayout:
     """Tokenise ``template``'s own words as they appear in a filled sentence.
 
     The subject slot is filled with the mask token for this: special tokens are split off by every tokenizer
@@ -248,14 +278,14 @@ def template_layout(tokenizer: PreTrainedTokenizerBase, template: str) -> Templa
     boundary.
     """
     validate_template(template)
-    ids, kinds, _ = _tokenise(tokenizer, template, _tokenizer_facts(tokenizer).mask)
+    ids, kinds, _ = _tokenise(tokenizer, template, _tokenizer_facts(tokenizer, causal).mask, causal)
     segments: tuple[list[int], list[int], list[int]] = ([], [], [])
     for tok, kind in zip(ids, kinds):
         if kind >= 0:
             segments[kind].append(tok)
     if not any(segments):
         raise TemplateError(f"Template {template!r} has no words besides [X] and [Y]: there is nothing to tune.")
-    return TemplateLayout(template, (tuple(segments[0]), tuple(segments[1]), tuple(segments[2])))
+    return TemplateLayout(template, (tuple(segments[0]), tuple(segments[1]), tuple(segments[2])), causal)
 
 
 def encode_query(tokenizer: PreTrainedTokenizerBase, layout: TemplateLayout, subject: str) -> EncodedQuery:
@@ -271,12 +301,13 @@ def encode_queries(
     tokenizer: PreTrainedTokenizerBase, queries: Sequence[tuple[TemplateLayout, str]]
 ) -> list[EncodedQuery]:
     """`encode_query` of many (layout, subject) pairs, tokenised in one batch call of the tokenizer."""
-    facts = _tokenizer_facts(tokenizer)
+    causal = bool(queries) and queries[0][0].causal
+    facts = _tokenizer_facts(tokenizer, causal)
     filled = []
     for layout, subject in queries:
         if not subject or not subject.strip():
             raise TemplateError(f"Empty subject for template {layout.template!r}.")
-        filled.append(_fill(layout.template, subject, facts.mask))
+        filled.append(_fill(layout.template, subject, facts.mask, glue=causal))
     texts = [text for text, _, _ in filled]
     encoded = _encode_many(tokenizer, facts, texts) if len(texts) > 1 else [_encode(tokenizer, facts, texts[0])]
     name = type(tokenizer).__name__
@@ -306,7 +337,9 @@ def _roles(layout: TemplateLayout, ids: list[int], kinds: list[int], mask_positi
 
 def special_tokens_in(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
     """The tokenizer's special tokens (``[MASK]``, ``<s>``, ...) that occur in ``text``."""
-    facts = _tokenizer_facts(tokenizer)
+    facts = _FACTS.get(tokenizer) or _CAUSAL_FACTS.get(tokenizer)
+    if facts is None:
+        facts = _tokenizer_facts(tokenizer, causal=tokenizer.mask_token is None)
     return [token for token in facts.special_tokens if token in text]
 
 

@@ -1,0 +1,169 @@
+"""Decoder-only (causal) LMs in the same adapter (#18): the object scored by the chain rule, checked by hand."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, LlamaConfig, LlamaForCausalLM
+
+from peft_softmix import SoftMixtureConfig
+from peft_softmix.errors import TemplateError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from factories import CHARACTERS, WORDS  # noqa: E402
+
+TEMPLATES = ["[X] was born in [Y] .", "[Y] is where [X] was born ."]
+EOT = "<|endoftext|>"
+
+
+def gpt2_style_tokenizer(folder: Path, bos: bool) -> str:
+    """A byte-level BPE tokenizer with no mask token; every test word is one ``Ġword`` token."""
+    vocab: dict[str, int] = {}
+    for piece in [EOT, *sorted(ByteLevel.alphabet())]:
+        vocab.setdefault(piece, len(vocab))
+    merges = []
+    for word in (*CHARACTERS, *WORDS):
+        prefix = "Ġ"
+        for char in word:
+            if prefix + char not in vocab:
+                vocab[prefix + char] = len(vocab)
+                merges.append((prefix, char))
+            prefix += char
+    tokenizer = GPT2Tokenizer(
+        vocab=vocab, merges=merges, add_bos_token=bos, bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT
+    )
+    tokenizer.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> str:
+    return gpt2_style_tokenizer(tmp_path_factory.mktemp("gpt2-tok"), bos=True)
+
+
+def tiny_causal(kind: str, vocab_size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=vocab_size,
+                n_embd=32,
+                n_layer=2,
+                n_head=2,
+                n_positions=64,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+        )
+    else:
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        )  # fmt: skip
+        model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a wider spread than the default init, so that the template words matter
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(params=["gpt2-shallow", "gpt2-deep", "llama-shallow", "llama-deep"])
+def causal_model(request, tokenizer_dir):
+    kind, depth = request.param.split("-")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    base = tiny_causal(kind, len(tokenizer))
+    config = SoftMixtureConfig(templates=TEMPLATES, tokenizer_name_or_path=tokenizer_dir, deep=depth == "deep")
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        model.prompt_encoder["default"].mixture_logits.copy_(torch.tensor([0.5, -0.3]))
+    return model.eval()
+
+
+def hand_score(base, tokenizer, template: str, subject: str, obj: str, whole_sentence: bool) -> float:
+    """log p of the object's tokens (and, for a whole sentence, every token after them) given the tokens before,
+    from one forward pass of the frozen model over the filled sentence."""
+    before, after = template.split("[Y]")
+    prefix = tokenizer(before.replace("[X]", subject).rstrip())["input_ids"]
+    object_ids = tokenizer(" " + obj, add_special_tokens=False)["input_ids"]
+    suffix = tokenizer(after.replace("[X]", subject), add_special_tokens=False)["input_ids"]
+    ids = prefix + object_ids + (suffix if whole_sentence else [])
+    with torch.no_grad():
+        log_probs = base(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+    start = len(prefix)
+    return sum(float(log_probs[i - 1, ids[i]]) for i in range(start, len(ids)))
+
+
+@pytest.mark.parametrize("scoring", ["prefix", "sentence"])
+def test_a_hard_initialised_adapter_gives_the_frozen_models_chain_rule(causal_model, scoring):
+    tokenizer = causal_model.tokenizer
+    assert causal_model.processor.causal and tokenizer.mask_token is None
+    subjects, objects = ["Dante", "Einstein"], ["Florence", "Ulm"]  # "Ulm" is three byte-level pieces
+    batch = causal_model.encode(subjects, objects, causal_scoring=scoring)
+    out = causal_model(**batch)
+    base = causal_model.get_base_model()
+    expected = [
+        # the second template has [Y] before [X]: its prefix has no subject, so it is always a whole sentence
+        hand_score(base, tokenizer, template, s, o, whole_sentence=scoring == "sentence" or template.startswith("[Y]"))
+        for s, o in zip(subjects, objects)
+        for template in TEMPLATES
+    ]
+    assert out.template_object_log_probs.tolist() == pytest.approx(expected, abs=1e-4)
+    weights = causal_model.mixture_weights()
+    for b in range(2):
+        mixture = math.log(sum(w * math.exp(expected[2 * b + k]) for k, w in enumerate(weights)))
+        assert float(out.object_log_probs[b].detach()) == pytest.approx(mixture, abs=1e-4)
+
+
+def test_text_after_the_object_counts_only_in_whole_sentence_scoring(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    losses = {}
+    for scoring in ("prefix", "sentence"):
+        for template in ("[X] was born in [Y]", "[X] was born in [Y] ."):
+            config = SoftMixtureConfig(templates=[template], tokenizer_name_or_path=tokenizer_dir)
+            model = get_peft_model(tiny_causal("gpt2", len(tokenizer)), config)
+            batch = model.encode(["Dante"], ["Florence"], causal_scoring=scoring)
+            losses[scoring, template] = float(model(**batch).loss.detach())
+    assert losses["prefix", "[X] was born in [Y]"] == pytest.approx(losses["prefix", "[X] was born in [Y] ."])
+    assert losses["sentence", "[X] was born in [Y]"] != pytest.approx(losses["sentence", "[X] was born in [Y] ."])
+
+
+def test_a_causal_lm_whose_tokenizer_has_a_mask_token_is_still_scored_causally(tmp_path):
+    folder = gpt2_style_tokenizer(tmp_path, bos=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"mask_token": "<mask>"})
+    tokenizer.save_pretrained(folder)
+    config = SoftMixtureConfig(templates=["[X] was born in [Y] ."], tokenizer_name_or_path=folder)
+    model = get_peft_model(tiny_causal("gpt2", len(tokenizer)), config)
+    batch = model.encode(["Dante"], ["Florence"])
+    assert model.processor.causal
+    assert tokenizer.mask_token_id not in batch["input_ids"].tolist()[0]  # the object itself, not a mask
+
+
+def test_training_a_causal_adapter_lowers_the_loss(causal_model):
+    batch = causal_model.encode(["Dante", "Einstein"], ["Florence", "Ulm"])
+    causal_model.train()
+    optimizer = torch.optim.Adam([p for p in causal_model.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for _ in range(5):
+        loss = causal_model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
+def test_a_template_opening_with_the_object_needs_a_bos_token(tmp_path):
+    folder = gpt2_style_tokenizer(tmp_path, bos=False)
+    config = SoftMixtureConfig(templates=["[Y] is where [X] was born ."], tokenizer_name_or_path=folder)
+    model = get_peft_model(tiny_causal("gpt2", len(AutoTokenizer.from_pretrained(folder))), config)
+    with pytest.raises(TemplateError, match="starts with \\[Y\\]"):
+        model.encode(["Dante"], ["Florence"])
