@@ -182,12 +182,7 @@ def encode_objects(
                 _too_long(processor, k, subject, objects[b] if objects is not None else None, n, row.shape[0])
             if causal:
                 layout = processor.layouts[k]
-                if p == 0:
-                    raise TemplateError(
-                        f"Template {layout.template!r} starts with [Y] and {type(processor.tokenizer).__name__} adds "
-                        "no beginning-of-text token, so a causal LM has nothing to predict the object's first token "
-                        "from. Start the template with a word, or use a tokenizer that adds a BOS token."
-                    )
+                require_prompt(processor, k, p)
                 whole = causal_scoring == "sentence" or layout.template.index("[Y]") < layout.template.index("[X]")
                 stop = row.shape[0] - 1 if whole else p + n - 1
                 where = list(range(p - 1, stop))
@@ -230,6 +225,16 @@ def encode_objects(
     if all(name is not None for name in names):
         batch["encoded_for"] = tuple(cast(list[str], names))
     return batch
+
+
+def require_prompt(processor: SoftMixtureProcessor, k: int, slot: int) -> None:
+    """A causal LM predicts the object's first token from the tokens before it: there must be one."""
+    if slot == 0:
+        raise TemplateError(
+            f"Template {processor.layouts[k].template!r} starts with [Y] and {type(processor.tokenizer).__name__} "
+            "adds no beginning-of-text token, so a causal LM has nothing to predict the object's first token from. "
+            "Start the template with a word, or use a tokenizer that adds a BOS token."
+        )
 
 
 def _too_long(processor: SoftMixtureProcessor, k: int, subject: str, obj: str | None, n: int, length: int) -> None:

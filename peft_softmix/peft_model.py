@@ -368,10 +368,13 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         adapter_names: Sequence[str] | None = None,
         batch_size: int = 32,
         return_template_log_probs: bool = False,
+        causal_scoring: str = "prefix",
     ) -> CandidateScores:
         """log p(c|x) of candidate objects of any length for each subject, one forward pass per candidate length
         (see `peft_softmix.ranking.score_candidates`)."""
-        return score_candidates(self, subjects, candidates, adapter_names, batch_size, return_template_log_probs)
+        return score_candidates(
+            self, subjects, candidates, adapter_names, batch_size, return_template_log_probs, causal_scoring
+        )
 
     def mixture_weights(self, adapter_name: str | None = None) -> list[float]:
         """The mixture weights pi_k of an adapter (the active one by default)."""

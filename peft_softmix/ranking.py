@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .causal_ranking import score_causal_candidates
 from .errors import DataFormatError
 from .inputs import check_query_options, check_subjects
 from .mixture import FactGroups, mix_rows
@@ -54,7 +55,9 @@ class CandidateScores:
         return self.log_probs / self.lengths if length_normalized else self.log_probs
 
 
-def candidate_tokens(tokenizer: Any, candidates: Sequence[str], what: str = "candidate") -> list[tuple[int, ...]]:
+def candidate_tokens(
+    tokenizer: Any, candidates: Sequence[str], what: str = "candidate", exact: bool = False
+) -> list[tuple[int, ...]]:
     """Each candidate's token ids; a candidate that is empty, or that the tokenizer cannot write, is an error
     naming it (and its place in ``candidates``)."""
     if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence) or not candidates:
@@ -63,7 +66,7 @@ def candidate_tokens(tokenizer: Any, candidates: Sequence[str], what: str = "can
     for i, candidate in enumerate(candidates):
         if not isinstance(candidate, str) or not candidate.strip():
             raise DataFormatError(f"{what} {i + 1} ({candidate!r}) is empty; give every candidate object as text.")
-        tokens = object_tokens(tokenizer, candidate)
+        tokens = object_tokens(tokenizer, candidate, exact)
         if not tokens:
             raise DataFormatError(
                 f"{what} {i + 1} ({candidate!r}) holds a piece that {type(tokenizer).__name__} cannot write (its "
@@ -81,16 +84,20 @@ def score_candidates(
     adapter_names: Sequence[str] | None = None,
     batch_size: int = 32,
     return_template_log_probs: bool = False,
+    causal_scoring: str = "prefix",
 ) -> CandidateScores:
     """log p(c|x) of every candidate object c (any length) for every subject, through each subject's adapter
-    (the active one by default) of a `PeftModelForSoftMixture`. See the module for how and at what cost."""
+    (the active one by default) of a `PeftModelForSoftMixture`. See the module for how and at what cost; a causal
+    LM's candidates are scored from the prompt's key/value cache (causal_ranking.py), as ``causal_scoring`` says."""
     check_subjects(subjects, "score_candidates")
     check_query_options(1, batch_size)
     names = list(adapter_names) if adapter_names is not None else [model.active_adapter] * len(subjects)
     if len(names) != len(subjects):
         raise ValueError(f"score_candidates got {len(subjects)} subject(s) and {len(names)} adapter name(s).")
     processors = [model.get_processor(name) for name in names]
-    tokens = candidate_tokens(processors[0].tokenizer, candidates)
+    tokens = candidate_tokens(processors[0].tokenizer, candidates, exact=processors[0].causal)
+    if processors[0].causal:
+        return _score_causal(model, subjects, names, candidates, tokens, batch_size, causal_scoring)
     device = model.embedding_device
     by_length: dict[int, list[int]] = {}
     for c, token_ids in enumerate(tokens):
@@ -136,3 +143,32 @@ def score_candidates(
         template_log_probs=torch.cat(row_parts) if row_parts else None,
         log_weights=torch.cat(weight_parts) if weight_parts else None,
     )
+
+
+def _score_causal(
+    model: Any,
+    subjects: Sequence[str],
+    names: list[str],
+    candidates: Sequence[str],
+    tokens: list[tuple[int, ...]],
+    batch_size: int,
+    causal_scoring: str,
+) -> CandidateScores:
+    """Causal LMs: each adapter's subjects in chunks, from the key/value cache of their prompts."""
+    device = model.embedding_device
+    mixed = torch.empty(len(subjects), len(tokens), device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for name in dict.fromkeys(names):
+            mine = [b for b, n in enumerate(names) if n == name]
+            for start in range(0, len(mine), batch_size):
+                chunk = mine[start : start + batch_size]
+                processor = model.get_processor(name)
+                scores, _, _ = score_causal_candidates(
+                    model, name, processor, [subjects[b] for b in chunk], tokens, causal_scoring
+                )
+                mixed[torch.tensor(chunk, device=device)] = scores
+    finally:
+        model.train(was_training)
+    return CandidateScores(candidates=list(candidates), tokens=tokens, log_probs=mixed)

@@ -167,3 +167,20 @@ def test_a_template_opening_with_the_object_needs_a_bos_token(tmp_path):
     model = get_peft_model(tiny_causal("gpt2", len(AutoTokenizer.from_pretrained(folder))), config)
     with pytest.raises(TemplateError, match="starts with \\[Y\\]"):
         model.encode(["Dante"], ["Florence"])
+
+
+@pytest.mark.parametrize("scoring", ["prefix", "sentence"])
+def test_candidates_from_the_prompts_cache_score_as_the_full_forward(causal_model, scoring):
+    subjects = ["Dante", "Einstein", "Kant"]
+    candidates = ["Florence", "Ulm", "Paris", "Berlin", "Tokyo"]
+    calls = []
+    handle = causal_model.get_base_model().register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        scores = causal_model.score_candidates(subjects, candidates, causal_scoring=scoring)
+    finally:
+        handle.remove()
+    # one pass of the prompts, then one per candidate length (1 and 3 tokens here), never one per candidate
+    assert len(calls) <= 3
+    for c, candidate in enumerate(candidates):
+        out = causal_model(**causal_model.encode(subjects, [candidate] * 3, causal_scoring=scoring))
+        assert torch.allclose(scores.log_probs[:, c], out.object_log_probs.detach(), atol=1e-4), candidate

@@ -1,0 +1,155 @@
+"""Ranking candidate objects under a causal LM from a key/value cache: the prompt runs once, not once per candidate.
+
+Every (subject, template) row's prompt, the tokens before ``[Y]``, runs once through the model with its soft words
+and deep offsets, keeping its key/value cache. Each candidate then continues that cache with its own tokens (and,
+for a template scored as a whole sentence, the template's tokens after ``[Y]``, soft words included): the cost
+grows with the candidates' tokens, not with candidates x prompt length. The scores are those of one forward pass
+over each filled sentence (tests/test_causal.py checks it): log p_k(c|x) = sum_j log p_k(c_j | prompt, c_<j), and the
+mixture log p(c|x) = logsumexp_k(log pi_k + log p_k(c|x)).
+
+Prompts are padded on the left, so that every row's continuation starts at the same place; position ids count real
+tokens only. One adapter at a time (`score_candidates` groups subjects by adapter).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from .hooks import SoftPositions, deep_prompt_hooks, soft_word_embeddings
+from .mixture import FactGroups, mix_rows
+from .objects import require_prompt
+from .processing import SoftMixtureProcessor
+
+__all__ = ["score_causal_candidates"]
+
+# rows x positions of one continuation pass (bounds the [rows, positions, vocabulary] logits it makes)
+_MAX_CELLS = 4096
+
+
+def _run(model: Any, name: str | None, input_ids: torch.Tensor, roles: torch.Tensor, **kwargs: Any) -> Any:
+    """The base model on ``input_ids`` with adapter ``name``'s soft words and deep offsets at ``roles`` (None: the
+    hard templates, as with the adapters disabled)."""
+    with ExitStack() as stack:
+        if name is not None and bool((roles >= 0).any()):
+            encoder = model._encoder(name)
+            positions = SoftPositions.of(roles)
+            stack.enter_context(soft_word_embeddings(model._embedding_tables, encoder, positions, input_ids))
+            if encoder.deep_offsets is not None:
+                stack.enter_context(deep_prompt_hooks(model._layers, encoder.deep_offsets, positions))
+        return model.base_model(input_ids=input_ids, **kwargs)
+
+
+def _whole_sentence(template: str, causal_scoring: str) -> bool:
+    return causal_scoring == "sentence" or template.index("[Y]") < template.index("[X]")
+
+
+@torch.inference_mode()
+def score_causal_candidates(
+    model: Any,
+    name: str,
+    processor: SoftMixtureProcessor,
+    subjects: Sequence[str],
+    tokens: Sequence[tuple[int, ...]],
+    causal_scoring: str = "prefix",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``([B, C] mixture log-probs, [N, C] per-row log-probs, [N] row log weights)`` of candidates ``tokens`` (their
+    exact token ids) for ``subjects``, all through adapter ``name``."""
+    device = model.embedding_device
+    disabled = model._adapters_disabled
+    processor._tokenise(subjects)
+    entries = [entry for subject in subjects for entry in processor._rows(subject)]
+    K = processor.num_templates
+    whole = [_whole_sentence(layout.template, causal_scoring) for layout in processor.layouts]
+    for k, entry in enumerate(entries[:K]):
+        require_prompt(processor, k, entry.query.mask_position)
+    prefixes = [entry.row[: entry.query.mask_position] for entry in entries]
+    suffixes = [
+        entry.row[entry.query.mask_position + 1 :] if whole[n % K] else entry.row[:0]
+        for n, entry in enumerate(entries)
+    ]
+    N = len(entries)
+    # the prompts, padded on the left: [N, P]
+    lengths = torch.tensor([p.shape[0] for p in prefixes], device=device)
+    P = int(lengths.max())
+    flipped = pad_sequence([p.flip(0) for p in prefixes], batch_first=True, padding_value=-1).flip(1).to(device)
+    prompt_mask = (torch.arange(P, device=device) >= P - lengths[:, None]).long()
+    pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    prompt_ids = flipped[..., 0].masked_fill(prompt_mask == 0, pad)
+    prompt_roles = flipped[..., 1].masked_fill(prompt_mask == 0, -1)
+    prompt_positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    adapter = None if disabled else name
+    out = _run(
+        model, adapter, prompt_ids, prompt_roles,
+        attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
+    )  # fmt: skip
+    cache = out.past_key_values
+    first_log_probs = out.logits[:, -1].float().log_softmax(-1)  # [N, V]: each candidate's first token
+    per_row = torch.empty(N, len(tokens), device=device)
+    by_length: dict[int, list[int]] = {}
+    for c, ids in enumerate(tokens):
+        by_length.setdefault(len(ids), []).append(c)
+    for n, columns in sorted(by_length.items()):
+        candidate_ids = torch.tensor([tokens[c] for c in columns], device=device)  # [C_n, n]
+        S = n + max(s.shape[0] for s in suffixes)
+        if S == 1:  # one-token candidates, nothing after them: the prompt's last logits score them all
+            per_row[:, columns] = first_log_probs.index_select(1, candidate_ids[:, 0])
+            continue
+        chunk = max(1, _MAX_CELLS // (N * S))
+        for start in range(0, len(columns), chunk):
+            part = candidate_ids[start : start + chunk]
+            per_row[:, columns[start : start + chunk]] = _continue(
+                model, adapter, cache, first_log_probs, prompt_mask, lengths, part, suffixes, pad
+            )
+    if disabled:
+        log_weights = torch.full((N,), -torch.log(torch.tensor(float(K))).item(), device=device)
+    else:
+        log_weights = model._encoder(name).log_weights().to(device).repeat(len(subjects))
+    groups = FactGroups((K,) * len(subjects), torch.arange(len(subjects), device=device).repeat_interleave(K))
+    return mix_rows(per_row, log_weights, groups), per_row, log_weights
+
+
+def _continue(
+    model: Any,
+    adapter: str | None,
+    cache: Any,
+    first_log_probs: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    suffixes: list[torch.Tensor],
+    pad: int,
+) -> torch.Tensor:
+    """``[N, C]`` log p_k of ``candidate_ids`` (``[C, n]``, and each row's suffix after them) from the prompts'
+    cache: the continuation rows are (row, candidate) pairs, row-major."""
+    device = candidate_ids.device
+    N, C = len(suffixes), candidate_ids.shape[0]
+    rows = []
+    for suffix in suffixes:
+        suffix = suffix.to(device)
+        for c in range(C):
+            hard = torch.stack([candidate_ids[c], torch.full_like(candidate_ids[c], -1)], dim=1)
+            rows.append(torch.cat([hard, suffix]))
+    lengths = torch.tensor([r.shape[0] for r in rows], device=device)
+    padded = pad_sequence(rows, batch_first=True, padding_value=-1)  # [N*C, S, 2]
+    S = padded.shape[1]
+    mask = (torch.arange(S, device=device) < lengths[:, None]).long()
+    ids = padded[..., 0].masked_fill(mask == 0, pad)
+    roles = padded[..., 1].masked_fill(mask == 0, -1)
+    expanded = copy.deepcopy(cache)
+    expanded.batch_repeat_interleave(C)
+    attention = torch.cat([prompt_mask.repeat_interleave(C, dim=0), mask], dim=1)
+    positions = prompt_lengths.repeat_interleave(C)[:, None] + torch.arange(S, device=device)
+    logits = _run(
+        model, adapter, ids, roles,
+        attention_mask=attention, position_ids=positions, past_key_values=expanded, use_cache=True,
+    ).logits  # fmt: skip
+    log_probs = logits[:, :-1].float().log_softmax(-1)  # position j predicts token j + 1
+    following = log_probs.gather(2, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
+    first = first_log_probs.repeat_interleave(C, dim=0).gather(1, ids[:, :1]).squeeze(1)
+    return (first + following.sum(1)).view(N, C)
