@@ -184,3 +184,51 @@ def test_candidates_from_the_prompts_cache_score_as_the_full_forward(causal_mode
     for c, candidate in enumerate(candidates):
         out = causal_model(**causal_model.encode(subjects, [candidate] * 3, causal_scoring=scoring))
         assert torch.allclose(scores.log_probs[:, c], out.object_log_probs.detach(), atol=1e-4), candidate
+
+
+def test_beam_search_of_one_template_starts_from_the_models_next_token(tokenizer_dir):
+    from peft_softmix.causal_decoding import causal_answers, decode_causal
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    template = "[X] was born in [Y] ."
+    model = get_peft_model(
+        tiny_causal("gpt2", len(tokenizer)),
+        SoftMixtureConfig(templates=[template], tokenizer_name_or_path=tokenizer_dir),
+    ).eval()
+    base = model.get_base_model()
+    prompt = tokenizer("Dante was born in")["input_ids"]
+    with torch.no_grad():
+        first = base(input_ids=torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+    end = tokenizer(" .", add_special_tokens=False)["input_ids"][0]
+    # one token, one beam: the answer is the next token the frozen model likes best, ended by the template's " ."
+    [[(answer, search_score)]] = decode_causal(model, "default", ["Dante"], max_tokens=1, num_beams=1)
+    assert answer == (int(first.argmax()),)
+    with torch.no_grad():
+        after = base(input_ids=torch.tensor([prompt + list(answer)])).logits[0, -1].log_softmax(-1)
+    assert search_score == pytest.approx(float(first[answer[0]] + after[end]), abs=1e-4)
+    [result] = causal_answers(model, "default", ["Dante"], top_k=1, max_tokens=1, num_beams=1)
+    best = result["predictions"][0]
+    assert best["tokens"] == list(answer) and best["template_shares"] == pytest.approx([1.0])
+    # the answer's score is p(y|x) (prefix scoring), not the search's p(y|x) p(end|x, y)
+    assert math.log(best["score"]) == pytest.approx(float(first[answer[0]]), abs=1e-4)
+
+
+def test_beam_search_answers_are_scored_exactly_and_ranked(causal_model):
+    from peft_softmix.causal_decoding import causal_answers
+
+    results = causal_answers(causal_model, "default", ["Dante", "Kant"], top_k=3, max_tokens=3, num_beams=4)
+    for result in results:
+        predictions = result["predictions"]
+        assert 1 <= len(predictions) <= 3
+        scores = [p["score"] for p in predictions]
+        assert scores == sorted(scores, reverse=True)
+        texts = [p["token_str"] for p in predictions]
+        exact = causal_model.score_candidates([result["subject"]], texts).log_probs[0].exp().tolist()
+        for prediction, expected in zip(predictions, exact):
+            # re-tokenising the decoded text can merge differently; where it gives the same tokens, same score
+            if (
+                list(causal_model.tokenizer(" " + prediction["token_str"], add_special_tokens=False)["input_ids"])
+                == prediction["tokens"]
+            ):
+                assert prediction["score"] == pytest.approx(expected, rel=1e-3)
+        assert all(sum(p["template_shares"]) == pytest.approx(1.0, abs=1e-4) for p in predictions)
