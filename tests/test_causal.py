@@ -232,3 +232,16 @@ def test_beam_search_answers_are_scored_exactly_and_ranked(causal_model):
             ):
                 assert prediction["score"] == pytest.approx(expected, rel=1e-3)
         assert all(sum(p["template_shares"]) == pytest.approx(1.0, abs=1e-4) for p in predictions)
+
+
+def test_the_loader_picks_the_head_from_the_checkpoint(tmp_path, tiny_dir):
+    from transformers import T5Config
+
+    from peft_softmix.base_models import language_model_kind, load_language_model
+    from peft_softmix.errors import UnsupportedArchitectureError
+
+    tiny_causal("gpt2", 300).save_pretrained(tmp_path / "gpt2")
+    assert type(load_language_model(str(tmp_path / "gpt2"))).__name__ == "GPT2LMHeadModel"
+    assert type(load_language_model(str(tiny_dir))).__name__ == "BertForMaskedLM"
+    with pytest.raises(UnsupportedArchitectureError, match="encoder-decoder"):
+        language_model_kind(T5Config())
