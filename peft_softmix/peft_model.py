@@ -33,6 +33,7 @@ from .hooks import deep_prompt_hooks, gather_mask_positions, soft_word_embedding
 from .inputs import check_forward_kwargs
 from .mixture import mix_rows, mix_templates, mixture_loss
 from .model import SoftMixtureModel
+from .model_kinds import causal_path_pending
 from .processing import IGNORE_INDEX, SoftMixtureProcessor, encode_facts
 from .routing import hard_route, resolve_adapter_names, route
 from .serialization import AdapterFilesMixin, check_adapter_fits
@@ -107,7 +108,8 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
             self.prompt_encoder = nn.ModuleDict({})
             self.prompt_tokens = {}
             self._processors: dict[str, SoftMixtureProcessor] = {}
-        check_supported(base, deep=bool(config.deep))
+        if check_supported(base, deep=bool(config.deep)) == "causal":
+            raise causal_path_pending(base)  # never train a causal LM at a [MASK] position
         embeddings = input_embeddings(base)
         self.word_embeddings = embeddings
         # every module that looks tokens up in that table (seq2seq models keep one per stack)
