@@ -10,8 +10,48 @@ from __future__ import annotations
 
 __all__ = ["CAUSAL_DEEP_UNSUPPORTED", "CAUSAL_UNSUPPORTED"]
 
+_REREADS_IDS = (
+    "a soft word initialised from its own token already changes the logits (measured on a tiny random model), so "
+    "the model reads the token ids again beyond the embedding table's output and a soft word cannot stand in for "
+    "its token."
+)
+_MIXED_STACK = (
+    "its layers are of several classes (state-space or linear-attention layers beside attention layers), so the "
+    "generic rule, one list of identical blocks, finds no stack that the forward runs."
+)
+_OTHER_LAYOUT = (
+    "its decoder layers receive the hidden states in another layout than [batch, length, hidden] (measured on a "
+    "tiny random model: the deep-offset hook finds no such tensor)."
+)
+
 # Types whose causal-LM class cannot be given soft words at all.
-CAUSAL_UNSUPPORTED: dict[str, str] = {}
+CAUSAL_UNSUPPORTED: dict[str, str] = {
+    "cpmant": "a soft word put into the output of CPM-Ant's token embedding table changes no logit (measured on a "
+    "tiny random model): its forward does not take the prompt's embeddings from that output.",
+    "inkling2_loop_text": _REREADS_IDS,
+    "inkling2_text": _REREADS_IDS,
+    "inkling_text": _REREADS_IDS,
+    **dict.fromkeys(
+        ["musicgen", "musicgen_melody"],
+        "MusicGen's decoder reads audio codebooks ([batch x codebooks, length] ids), not a text prompt.",
+    ),
+    "reformer": "ReformerModelWithLMHead runs a backward pass only in train mode and then only on sequences exactly "
+    "as long as its axial position grid, so soft words cannot be trained on a short prompt.",
+}
 
 # Types where soft words work but the hidden states entering the layers do not line up with the tokens.
-CAUSAL_DEEP_UNSUPPORTED: dict[str, str] = {}
+CAUSAL_DEEP_UNSUPPORTED: dict[str, str] = {
+    "deepseek_v4": _OTHER_LAYOUT,
+    "gemma3n_text": _OTHER_LAYOUT,
+    "hy_v4": _OTHER_LAYOUT,
+    "git": "the layer stack the generic rule finds is not called by a text-only forward (no layer call counted).",
+    "hrm_text": "HRM runs most of its recurrent layer calls without gradient, so offsets at those calls cannot learn "
+    "(measured on a tiny random model: no gradient at 6 of its 12 calls).",
+    "jamba": _MIXED_STACK,
+    "olmo_hybrid": _MIXED_STACK,
+    "nemotron_h": "the offsets of its last layer call get no gradient (measured on a tiny random model).",
+    "xlm": "XLM keeps each layer's parts in separate lists (attentions, feed-forward networks), so there is no block "
+    "whose input is the hidden state entering a layer (measured: offsets at the last call get no gradient).",
+    "zamba2": "deep offsets at a position leave later positions unchanged (measured on a tiny random model): the "
+    "stack the generic rule finds is not the one the hidden states flow through.",
+}

@@ -119,7 +119,8 @@ def _later_tokens_reach_earlier_positions(model: nn.Module) -> bool:
     vocab_size = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
     if vocab_size < 2:
         raise UnsupportedArchitectureError(f"{_describe(model)} states no vocab_size, so it cannot be probed.")
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if callable(getter) else None
     weight = getattr(embeddings, "weight", None)
     device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
     # ids away from the usual special tokens at the start of the vocabulary

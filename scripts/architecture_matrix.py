@@ -38,6 +38,8 @@ from peft_softmix.architectures import unsupported_reason  # noqa: E402
 
 # a type whose tiny model takes longer than this to build and check is reported as not checked
 CAUSAL_TIME_LIMIT = 60
+# a causal check failing here says nothing about soft prompts: the tiny model does not build or run by itself
+NOT_CHECKED_STAGES = ("building the model", "frozen forward")
 
 
 def model_factory(model_type: str, tokenizer_path: str):
@@ -199,6 +201,9 @@ def run_causal_matrix(types: list[str]) -> dict[str, dict]:
         except Exception as err:  # the tiny config cannot be built here: the type is reported as not checked
             entry["not_checked"] = f"{type(err).__name__}: {err}".strip()[:300]
             check = None
+        if check is not None and check.stage in NOT_CHECKED_STAGES:
+            # the tiny random model does not build or run by itself here: nothing about the hooks was learnt
+            entry["not_checked"], check = check.error, None
         if check is not None:
             entry["checked"] = True
             entry.update(_causal_outcome(check))
@@ -247,10 +252,10 @@ def write_causal_docs(entries: dict[str, dict], docs: Path) -> None:
 
 
 def _causal_cell(entry: dict, depth: str) -> str:
-    if not entry["checked"]:
-        return "not checked"
     if entry["unsupported"] or (depth == "deep" and entry["deep_unsupported"]):
         return "no (unsupported)"
+    if not entry["checked"]:
+        return "not checked"
     if entry[depth]:
         return "yes"
     return f"no (fails at {entry['stage']})"
@@ -283,7 +288,8 @@ def _causal_section(payload: dict) -> list[str]:
         f"Every causal-LM type that `AutoModelForCausalLM` knows in transformers {payload['transformers_version']} "
         f"({total} types), checked at the architecture level on a tiny random model (`tests/causal_architecture_"
         "check.py`): `model_kind` says causal; a soft word initialised from its token reproduces the frozen "
-        "logits exactly; a soft word at position p leaves the logits before p bitwise unchanged, changes every "
+        "logits exactly; a soft word at position p leaves the logits before p unchanged (bitwise, or to float "
+        "rounding for the few types that reduce over the whole sequence; `gaps` in the JSON), changes every "
         "position from p on and gets a gradient (shallow); zero deep offsets reproduce the frozen logits, and "
         "offsets at p in every layer call act causally and all get gradients (deep). The cache column says whether "
         "scoring the tokens after a prefix from the prefix's key/value cache (with the soft word and offsets in the "

@@ -134,6 +134,7 @@ def check_causal_architecture(make_model: Callable[[], nn.Module]) -> CausalArch
         tables = tied_embedding_modules(base, embeddings)
         ids = _rows(embeddings.num_embeddings)
         positions = _positions(*ids.shape)
+        stage = "frozen forward"
         with torch.no_grad():
             frozen = _logits(base, ids)
 
