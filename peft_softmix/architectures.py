@@ -4,9 +4,10 @@ The generic rules find the parts of almost every `AutoModelForMaskedLM` type wit
 embedding table (soft words are swapped into its output, so the model runs on its usual token ids), the layer stack
 (the `nn.ModuleList` of identical blocks holding the most parameters; deep offsets go before each call of it) and
 the backbone whose output the MLM head reads. The exceptions are the small explicit tables `UNSUPPORTED` and
-`DEEP_UNSUPPORTED`, with the clear error for the types that cannot work. The end-to-end check of every type
-(``tests/architecture_check.py``, behind ``docs/supported-architectures.md``) is a test helper, not part of the
-package.
+`DEEP_UNSUPPORTED`, with the clear error for the types that cannot work; causal (decoder-only) LMs have their own
+tables in `causal_architectures`, and `model_kinds` tells the two kinds apart. The end-to-end checks of every type
+(``tests/architecture_check.py`` and ``tests/causal_architecture_check.py``, behind
+``docs/supported-architectures.md``) are test helpers, not part of the package.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .causal_architectures import CAUSAL_DEEP_UNSUPPORTED, CAUSAL_UNSUPPORTED
 from .errors import UnsupportedArchitectureError
 from .hooks import count_layer_calls, gather_mask_positions
+from .model_kinds import ModelKind, model_kind, model_type
 
 # Types whose masked-LM head cannot be queried with a cloze prompt at all.
 UNSUPPORTED: dict[str, str] = {
@@ -37,10 +40,6 @@ DEEP_UNSUPPORTED: dict[str, str] = {
 }
 
 
-def model_type(model: nn.Module) -> str:
-    return str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
-
-
 def _missing_kernel(kind: str) -> str | None:
     """Why a type that needs a custom kernel cannot run here, or None."""
     if kind == "mra":
@@ -55,40 +54,34 @@ def _missing_kernel(kind: str) -> str | None:
     return None
 
 
-def unsupported_reason(kind: str, deep: bool) -> str | None:
-    """Why ``kind`` (a ``config.model_type``) cannot take soft prompts (or deep ones) here, or None if it can."""
-    reason = UNSUPPORTED.get(kind) or _missing_kernel(kind)
+def unsupported_reason(kind: str, deep: bool, lm: ModelKind = "masked") -> str | None:
+    """Why ``kind`` (a ``config.model_type``) cannot take soft prompts (or deep ones) here, or None if it can.
+
+    ``lm`` says which of the type's LM classes is meant: a type such as ``bert`` or ``reformer`` has both.
+    """
+    unsupported, deep_unsupported = (
+        (UNSUPPORTED, DEEP_UNSUPPORTED) if lm == "masked" else (CAUSAL_UNSUPPORTED, CAUSAL_DEEP_UNSUPPORTED)
+    )
+    reason = unsupported.get(kind) or (_missing_kernel(kind) if lm == "masked" else None)
     if reason:
         return f"cannot take a mixture of soft prompts: {reason}"
-    if deep and kind in DEEP_UNSUPPORTED:
-        return f"cannot take deep prompts: {DEEP_UNSUPPORTED[kind]} Use deep=False (soft words at the input only)."
+    if deep and kind in deep_unsupported:
+        return f"cannot take deep prompts: {deep_unsupported[kind]} Use deep=False (soft words at the input only)."
     return None
 
 
-def model_kind(model: nn.Module) -> str:
-    """``"causal"`` for a decoder-only LM (its class is one that AutoModelForCausalLM builds), else ``"masked"``."""
-    from transformers.models.auto import modeling_auto
+def check_supported(model: nn.Module, deep: bool) -> ModelKind:
+    """The model's kind (`model_kind`), once its type is known to take soft (and, with ``deep``, deep) prompts.
 
-    def classes(mapping: Any) -> set[str]:
-        names = [v for value in mapping.values() for v in (value if isinstance(value, (tuple, list)) else [value])]
-        return set(names)
-
-    # XLM's LM head is in both tables: it is a masked LM
-    causal = classes(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - classes(
-        modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    )
-    config = getattr(model, "config", None)
-    if type(model).__name__ in causal and not getattr(config, "is_encoder_decoder", False):
-        return "causal"
-    return "masked"
-
-
-def check_supported(model: nn.Module, deep: bool) -> None:
-    """Raise `UnsupportedArchitectureError`, naming the model type and the reason, for the types that cannot work."""
+    Raises `UnsupportedArchitectureError`, naming the model type and the reason, for the models that cannot work:
+    no LM head, an encoder-decoder model that is not a fill-mask model, and the types the tables list.
+    """
+    lm = model_kind(model)
     kind = model_type(model)
-    reason = unsupported_reason(kind, deep)
+    reason = unsupported_reason(kind, deep, lm)
     if reason:
         raise UnsupportedArchitectureError(f"{type(model).__name__} (model_type {kind!r}) {reason}")
+    return lm
 
 
 # -- finding a model's parts ------------------------------------------------------------------------------------

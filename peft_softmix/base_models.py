@@ -10,22 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedModel
+from transformers.models.auto import modeling_auto
 
 from .errors import UnsupportedArchitectureError
+from .model_kinds import class_names
 
 __all__ = ["language_model_kind", "load_language_model"]
 
 
-def _classes(mapping: Any) -> set[str]:
-    return {v for value in mapping.values() for v in (value if isinstance(value, (tuple, list)) else [value])}
-
-
 def language_model_kind(config: Any) -> str:
     """``"masked"`` or ``"causal"`` for a model config (its ``architectures``, else its ``model_type``)."""
-    from transformers.models.auto import modeling_auto
-
-    masked_classes = _classes(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-    causal_classes = _classes(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - masked_classes
+    masked_classes = class_names(modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    causal_classes = class_names(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - masked_classes
     architectures = list(getattr(config, "architectures", None) or [])
     if any(name in masked_classes for name in architectures):
         return "masked"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from .causal_ranking import _run
+from .causal_ranking import _run, cache_argument, cache_of
 from .objects import require_prompt
 
 __all__ = ["decode_causal"]
@@ -78,7 +78,7 @@ def decode_causal(
         model, adapter, ids, roles,
         attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True,
     )  # fmt: skip
-    cache = out.past_key_values
+    cache = cache_of(out)
     next_log_probs = out.logits[:, -1].float().log_softmax(-1).view(B, 1, K, -1)  # [B, beams, K, V]
     end_ids = torch.tensor(ends, device=device).view(B, 1, K, 1)
     mixture = weights.view(1, 1, K)
@@ -110,9 +110,10 @@ def decode_causal(
         step_ids = tokens.unsqueeze(-1).expand(-1, -1, K).reshape(-1, 1)
         out = _run(
             model, None, step_ids, torch.full_like(step_ids, -1),
-            attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1, past_key_values=cache, use_cache=True,
+            attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1, use_cache=True,
+            **{cache_argument(model): cache},
         )  # fmt: skip
-        cache = out.past_key_values
+        cache = cache_of(out)
         next_log_probs = out.logits[:, -1].float().log_softmax(-1).view(B, -1, K, V)
     return [sorted(found.items(), key=lambda item: -item[1]) for found in finished]
 

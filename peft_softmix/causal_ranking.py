@@ -14,6 +14,7 @@ tokens only. One adapter at a time (`score_candidates` groups subjects by adapte
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -43,6 +44,19 @@ def _run(model: Any, name: str | None, input_ids: torch.Tensor, roles: torch.Ten
             if encoder.deep_offsets is not None:
                 stack.enter_context(deep_prompt_hooks(model._layers, encoder.deep_offsets, positions))
         return model.base_model(input_ids=input_ids, **kwargs)
+
+
+def cache_argument(model: Any) -> str:
+    """The name the base model's forward takes a key/value cache under: ``cache`` (transformers >= 5.24, where
+    ``past_key_values`` is deprecated) or ``past_key_values``."""
+    parameters = inspect.signature(model.get_base_model().forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_of(output: Any) -> Any:
+    """The key/value cache a forward returned (``cache``, or ``past_key_values`` before transformers 5.24)."""
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return cache if cache is not None else output.past_key_values
 
 
 def _whole_sentence(template: str, causal_scoring: str) -> bool:
@@ -88,7 +102,7 @@ def score_causal_candidates(
         model, adapter, prompt_ids, prompt_roles,
         attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
     )  # fmt: skip
-    cache = out.past_key_values
+    cache = cache_of(out)
     first_log_probs = out.logits[:, -1].float().log_softmax(-1)  # [N, V]: each candidate's first token
     per_row = torch.empty(N, len(tokens), device=device)
     by_length: dict[int, list[int]] = {}
@@ -147,7 +161,7 @@ def _continue(
     positions = prompt_lengths.repeat_interleave(C)[:, None] + torch.arange(S, device=device)
     logits = _run(
         model, adapter, ids, roles,
-        attention_mask=attention, position_ids=positions, past_key_values=expanded, use_cache=True,
+        attention_mask=attention, position_ids=positions, use_cache=True, **{cache_argument(model): expanded},
     ).logits  # fmt: skip
     log_probs = logits[:, :-1].float().log_softmax(-1)  # position j predicts token j + 1
     following = log_probs.gather(2, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]

@@ -23,7 +23,6 @@ from .architectures import (
     find_backbone,
     input_embeddings,
     max_query_length,
-    model_kind,
     probe_model,
     tied_embedding_modules,
 )
@@ -92,7 +91,8 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
             self.prompt_encoder = nn.ModuleDict({})
             self.prompt_tokens = {}
             self._processors: dict[str, SoftMixtureProcessor] = {}
-        check_supported(base, deep=bool(config.deep))
+        # a causal LM is scored by the chain rule, never at a [MASK] position (which cannot see the words after it)
+        kind = check_supported(base, deep=bool(config.deep))
         embeddings = input_embeddings(base)
         self.word_embeddings = embeddings
         # every module that looks tokens up in that table (seq2seq models keep one per stack)
@@ -105,7 +105,7 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
             max_query_length=max_query_length(base, tokenizer),
             model_name=type(base).__name__,
             adapter_name=adapter_name,
-            causal=model_kind(base) == "causal",
+            causal=kind == "causal",
         )
         layouts = processor.layouts
         token_ids = [[list(segment) for segment in layout.segments] for layout in layouts]

@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 
+from .causal_architectures import CAUSAL_CACHE_UNUSABLE
 from .causal_ranking import score_causal_candidates
 from .errors import DataFormatError
 from .inputs import check_query_options, check_subjects
 from .mixture import FactGroups, mix_rows
+from .model_kinds import model_type
 from .objects import encode_objects, object_tokens
 
 __all__ = ["CandidateScores", "candidate_tokens", "score_candidates"]
@@ -154,21 +156,34 @@ def _score_causal(
     batch_size: int,
     causal_scoring: str,
 ) -> CandidateScores:
-    """Causal LMs: each adapter's subjects in chunks, from the key/value cache of their prompts."""
+    """Causal LMs: each adapter's subjects in chunks, from the key/value cache of their prompts (or, for the types
+    whose cache cannot continue a prompt exactly, one full forward per candidate)."""
     device = model.embedding_device
     mixed = torch.empty(len(subjects), len(tokens), device=device)
     was_training = model.training
     model.eval()
     try:
+        if model_type(model.get_base_model()) in CAUSAL_CACHE_UNUSABLE:
+            for c, candidate in enumerate(candidates):
+                for start in range(0, len(subjects), batch_size):
+                    chunk = list(subjects[start : start + batch_size])
+                    chunk_names = names[start : start + batch_size]
+                    batch = encode_objects(
+                        [model.get_processor(n) for n in chunk_names], chunk, [candidate] * len(chunk),
+                        device=device, causal_scoring=causal_scoring,
+                    )  # fmt: skip
+                    out = model(**batch, adapter_names=chunk_names)
+                    mixed[start : start + len(chunk), c] = out.object_log_probs
+            return CandidateScores(candidates=list(candidates), tokens=tokens, log_probs=mixed)
         for name in dict.fromkeys(names):
             mine = [b for b, n in enumerate(names) if n == name]
             for start in range(0, len(mine), batch_size):
-                chunk = mine[start : start + batch_size]
+                rows = mine[start : start + batch_size]
                 processor = model.get_processor(name)
                 scores, _, _ = score_causal_candidates(
-                    model, name, processor, [subjects[b] for b in chunk], tokens, causal_scoring
+                    model, name, processor, [subjects[b] for b in rows], tokens, causal_scoring
                 )
-                mixed[torch.tensor(chunk, device=device)] = scores
+                mixed[torch.tensor(rows, device=device)] = scores
     finally:
         model.train(was_training)
     return CandidateScores(candidates=list(candidates), tokens=tokens, log_probs=mixed)
