@@ -299,8 +299,12 @@ def _causal_section(payload: dict) -> list[str]:
         f"cache path is exact on {counts['cache_exact']} of the {counts['shallow_ok']} shallow-supported types.**"
         + (f" {counts['not_checked']} types could not be built as tiny models here." if counts["not_checked"] else ""),
         "",
-        "Until the causal scoring path lands, `get_peft_model` refuses every causal LM with a clear error (a cloze "
-        "query at a `[MASK]` position of a causal LM would silently ignore the words after it).",
+        "A causal LM is scored by the causal path ([Causal LMs](causal.md)): the object's own tokens by the chain "
+        "rule after the filled prompt, never at a `[MASK]` position (which could not see the words after it). "
+        "End to end, `tests/test_causal.py` checks on GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3, "
+        "Phi, Phi3, OPT, GPT-NeoX, Falcon, Bloom and Mamba that a template-initialised adapter gives the frozen "
+        "model's log-probabilities of the object, through `encode`/forward and through `score_candidates`. Types "
+        "whose cache is not exact score candidates with one full pass each (`CAUSAL_CACHE_UNUSABLE`).",
         "",
         "| model_type | class | shallow | deep | cache | notes |",
         "|---|---|---|---|---|---|",
