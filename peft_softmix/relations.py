@@ -210,8 +210,14 @@ def drop_long_queries(model: Any, data: RelationData) -> tuple[RelationData, str
             dropped.append(f"{split} {len(facts) - len(splits[split])}")
         if not splits[split]:
             raise RelationDataError(
-                f"Relation {data.relation}: every {split} fact has a query longer than the model's {limit} tokens. "
-                "Use a model with more positions or shorter templates."
+                f"Relation {data.relation}: every {split} fact has a query longer than the model's {limit} tokens"
+                + (
+                    f" with one mask per token of its object or of the longest candidate ({longest} tokens). Give "
+                    "--candidates without objects that long, or use"
+                    if data.candidates is not None
+                    else ". Use"
+                )
+                + " a model with more positions or shorter templates."
             )
     if not dropped:
         return data, None

@@ -51,7 +51,9 @@ def peft_model(base, tiny_dir):
     model = get_peft_model(base, config)
     with torch.no_grad():  # weights away from uniform, so that the mixture is not trivially a mean
         model.prompt_encoder["default"].mixture_logits.copy_(torch.tensor([0.7, -0.4]))
-        model.prompt_encoder["default"].soft_words.add_(0.3 * torch.randn_like(model.prompt_encoder["default"].soft_words))
+        model.prompt_encoder["default"].soft_words.add_(
+            0.3 * torch.randn_like(model.prompt_encoder["default"].soft_words)
+        )
     return model.eval()
 
 
@@ -115,7 +117,15 @@ def test_evaluation_refuses_missing_or_repeated_facts(peft_model):
 def test_split_metrics_add_up_to_the_whole():
     metric = load_fact_retrieval(keep_in_memory=True)
     ranks = [1, 3, 1, 7, 2, 1, 12]
-    groups = ["single_token", "multi_token", "single_token", "multi_token", "single_token", "single_token", "multi_token"]
+    groups = [
+        "single_token",
+        "multi_token",
+        "single_token",
+        "multi_token",
+        "single_token",
+        "single_token",
+        "multi_token",
+    ]
     scores = scores_by_length(metric, ranks, groups, "P19")
     single, multi, whole = scores["single_token"], scores["multi_token"], scores["all"]
     assert single["count"] + multi["count"] == whole["count"] == 7
@@ -235,3 +245,44 @@ def test_facts_whose_object_makes_the_query_too_long_are_left_out_naming_the_lim
     split = load_facts(write_facts(tmp_path / "long.jsonl", [("Dante", long_object)]))
     with pytest.raises(DataFormatError, match=f"1 query too long.*at most {limit} tokens"):
         evaluate_facts_among_candidates(peft_model, split)
+
+
+def test_the_cli_evaluates_all_facts_by_candidate_ranking_split_by_length(peft_model, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from peft_softmix.cli import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    facts = write_facts(tmp_path / "facts.jsonl", [(f.subject, f.object) for f in FACTS])
+    candidates = tmp_path / "candidates.txt"
+    candidates.write_text("\n".join(CANDIDATES) + "\n", encoding="utf-8")
+
+    def cli(*args):
+        return CliRunner().invoke(app, ["evaluate", str(adapter), "--facts", str(facts), *map(str, args)])
+
+    result = cli("--multi_token", "--candidates", candidates, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    # the same ranks as hand-ranking the library's candidate scores
+    scored = peft_model.score_candidates([f.subject for f in FACTS], CANDIDATES).log_probs.tolist()
+    golds = [CANDIDATES.index(f.object) if f.object in CANDIDATES else NOT_A_CANDIDATE for f in FACTS]
+    ranks = [hand_rank(row, gold) for row, gold in zip(scored, golds)]
+    assert scores["p@1"] == pytest.approx(sum(r == 1 for r in ranks) / len(ranks))
+    assert scores["mrr"] == pytest.approx(sum(1 / r for r in ranks) / len(ranks))
+    multi = [r for r, f in zip(ranks, FACTS) if f.object in ("India", "Indias")]
+    assert scores["multi_token"]["facts"] == 2 and scores["single_token"]["facts"] == 5
+    assert scores["multi_token"]["mrr"] == pytest.approx(sum(1 / r for r in multi) / 2)
+    assert scores["gold_not_a_candidate"] == 1
+
+    text = cli("--multi_token", "--candidates", candidates, "--device", "cpu")
+    assert text.exit_code == 0, text.output
+    for label in ("any length", "one token", "several tokens", "among 6 candidates", "1 gold object(s) not among"):
+        assert label in text.stdout
+
+    refused = cli("--candidates", candidates)
+    assert refused.exit_code == 1 and "add --multi_token" in refused.output
+    candidates.write_text("Paris\nZürich\n", encoding="utf-8")
+    bad = cli("--multi_token", "--candidates", candidates, "--device", "cpu")
+    assert bad.exit_code == 1 and "line 2: 'Zürich'" in bad.output and "Traceback" not in bad.output

@@ -545,3 +545,29 @@ def test_resume_refuses_a_switched_multi_token_setting(fx, tmp_path):
         (epoch / name).write_text(json.dumps(saved))
     resumed = run(fx, single, num_train_epochs=2, resume="latest")
     assert resumed["relations"]["P19"]["epochs_run"] == 2
+
+
+def test_multi_token_leaves_out_objects_too_long_for_the_model_and_names_empty_lines(fx, tmp_path):
+    trex = tmp_path / "trex"
+    shutil.copytree(fx.trex / "P19", trex / "P19")
+    # 60 object tokens fill [Y] with 60 masks: over the tiny BERT's 64 positions with any template
+    with open(trex / "P19" / "train.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"sub_label": "Bruno", "obj_label": " ".join(["York"] * 60)}) + "\n")
+        f.write(json.dumps({"sub_label": "Carla", "obj_label": " "}) + "\n")  # line 43: an empty object
+    tokenizer = AutoTokenizer.from_pretrained(str(fx.model))
+    data = load_relation_data(trex, "P19", tokenizer, "mined", 5, fx.root / "templates", multi_token=True)
+    assert "1 empty subjects or objects, train.jsonl line 43" in data.notes
+    # every dev and test fact is scored against every candidate, the 60-token one too: only train keeps its facts
+    with_long = data.candidates
+    assert len(with_long) == 8
+    base = AutoModelForMaskedLM.from_pretrained(str(fx.model))
+    model = get_peft_model(base, SoftMixtureConfig(templates=data.templates, tokenizer_name_or_path=str(fx.model)))
+    with pytest.raises(RelationDataError, match="every dev fact has a query longer than the model's 64 tokens") as err:
+        drop_long_queries(model, data)
+    assert "longest candidate (60 tokens). Give --candidates without objects that long" in str(err.value)
+    data.candidates = [c for c in with_long if len(c) < 100]
+    kept, note = drop_long_queries(model, data)
+    assert (
+        note is not None and "query with one mask per object token longer than the model's 64 tokens: train 1" in note
+    )
+    assert {split: len(facts) for split, facts in kept.splits.items()} == {"train": 41, "dev": 17, "test": 17}
