@@ -401,3 +401,21 @@ def test_multi_token_flags_that_contradict_or_a_bad_candidates_line_are_refused(
     assert f"{candidates}, line 3: 'Zürich'" in str(err.value) and "--candidates" in str(err.value)
     with pytest.raises(train_trex.RelationDataError, match="no file .*P20.txt"):
         train_trex.relation_candidates(str(tmp_path), "P20", tokenizer)
+
+
+def test_multi_token_evaluation_across_two_processes_ranks_every_fact_once(fx, tmp_path):
+    """Candidate ranking gathered from two processes (17 facts in batches of 5: Accelerate repeats some to even
+    out the last batch) gives every fact one rank, and the untrained rows the very ranks of one process."""
+    common = ["--multi_token", "--num_train_epochs", "1", "--per_device_eval_batch_size", "5"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    alone = script(argv(fx, single, *common), tmp_path)
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    pair = script(argv(fx, double, *common), tmp_path, launcher=two_process_launch(29800))
+    assert pair.returncode == 0, pair.stdout[-3000:] + pair.stderr[-6000:]
+    a = json.loads((single / "results.json").read_text())["relations"]["P19"]
+    b = json.loads((double / "results.json").read_text())["relations"]["P19"]
+    for split in ("dev", "test"):
+        assert b[split]["soft"]["count"] == 17
+        for row in ("hard_first", "hard_mixture"):
+            assert a[split][row] == b[split][row]
+            assert a["by_length"][split]["multi_token"][row] == b["by_length"][split]["multi_token"][row]
