@@ -159,12 +159,12 @@ class RelationTrainer:
             self.candidates = list(candidates or default_candidates(self.tokenizer, facts_of_all))
             if not self.candidates:
                 raise TrainingSetupError(f"{name}: no candidate object to rank (none the tokenizer can write).")
-        # with multi_token, dev and test rank each fact's gold among the candidates
         # pinned batches (on a GPU) are copied to the device without waiting for it
         self.pin_memory = accelerator.device.type == "cuda"
         self.eval_loaders = {}
         for split in ("dev", "test"):
             facts = self.splits[split]
+            # with multi_token, dev and test rank each fact's gold among the candidates
             loader, order = eval_dataloader(
                 facts,
                 self.make_collator if not multi else lambda ordered: CandidateCollator(ordered, self.candidates or []),
@@ -177,30 +177,15 @@ class RelationTrainer:
     def evaluate(self, split: str, per_template: bool = False, description: str | None = None) -> EvalRanks:
         """Ranks of the gold objects of ``split`` (``dev`` or ``test``) under the model as it is now, in fact order."""
         loader, order = self.eval_loaders[split]
-        description = description or f"{self.name} {split}"
+        shared = {"accelerator": self.accelerator, "per_template": per_template, "progress": self.progress}
+        shared["description"] = description or f"{self.name} {split}"
         if self.candidates is not None:
+            length_normalized = self.args.length_normalized
             result = evaluate_candidate_ranks(
-                self.model,
-                loader,
-                len(order),
-                self.candidates,
-                accelerator=self.accelerator,
-                per_template=per_template,
-                length_normalized=self.args.length_normalized,
-                progress=self.progress,
-                description=description,
+                self.model, loader, len(order), self.candidates, length_normalized=length_normalized, **shared
             )
         else:
-            result = evaluate_ranks(
-                self.model,
-                loader,
-                num_facts=len(order),
-                candidate_mask=self.candidate_mask,
-                accelerator=self.accelerator,
-                per_template=per_template,
-                progress=self.progress,
-                description=description,
-            )
+            result = evaluate_ranks(self.model, loader, len(order), candidate_mask=self.candidate_mask, **shared)
         index = torch.tensor(order, dtype=torch.long)
         mixture = torch.empty_like(result.mixture)
         mixture[index] = result.mixture
@@ -374,14 +359,12 @@ class RelationTrainer:
                     if self.progress:
                         bar.set_postfix(loss=f"{loss.item():.3f}")  # ready: the check above waited for it
                     if em:
-                        if row_distributions:
-                            posteriors = em_posteriors(
-                                out.template_log_probs.detach(), out.log_weights.detach(), batch["labels"]
-                            ).sum(0)
-                        else:
-                            posteriors = em_object_posteriors(
-                                out.template_object_log_probs.detach(), out.log_weights.detach(), batch["labels"]
-                            ).sum(0)
+                        e_step, rows = (
+                            (em_posteriors, out.template_log_probs)
+                            if row_distributions
+                            else (em_object_posteriors, out.template_object_log_probs)
+                        )
+                        posteriors = e_step(rows.detach(), out.log_weights.detach(), batch["labels"]).sum(0)
                         posterior_sum = posteriors if posterior_sum is None else posterior_sum + posteriors
                     if optimizer is not None:
                         accelerator.backward(loss)
