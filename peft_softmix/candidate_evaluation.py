@@ -118,8 +118,8 @@ def evaluate_candidate_ranks(
     progress: bool = False,
     description: str = "eval",
 ) -> EvalRanks:
-    """Rank every fact's gold object among ``candidates`` under ``model`` (a `PeftModelForSoftMixture`; adapters
-    disabled, the hard templates as a uniform mixture), batches from `CandidateCollator`.
+    """Rank every fact's gold object among ``candidates`` under ``model`` (a `PeftModelForSoftMixture` as it is; in
+    ``disable_adapter()``, the hard templates as a uniform mixture), batches from `CandidateCollator`.
 
     Ranks are by log p(c|x), or by log p(c|x) / (c's number of tokens) with ``length_normalized``; ``per_template``
     also ranks under each template alone. As `peft_softmix.evaluation.evaluate_ranks`: gathered across processes
