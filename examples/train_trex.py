@@ -36,9 +36,10 @@ import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from peft import get_peft_model
-from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from peft_softmix import SoftMixtureConfig, TemplateError
+from peft_softmix.base_models import language_model_kind, load_language_model
 from peft_softmix.candidate_evaluation import load_candidates
 from peft_softmix.checkpoints import ResumeError, checkpoint_dir, resume_points
 from peft_softmix.errors import DataFormatError
@@ -76,7 +77,9 @@ TRAINING_FLAGS = [f.name for f in fields(TrainingArguments)]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("model and data")
-    data.add_argument("--model_name_or_path", default=str(DEFAULT_MODEL), help="A masked LM (AutoModelForMaskedLM).")
+    data.add_argument(
+        "--model_name_or_path", default=str(DEFAULT_MODEL), help="A masked LM, or a causal LM (then --multi_token)."
+    )
     data.add_argument("--data_dir", default=str(SAMPLE_DIR / "trex"), help="<relation>/{train,dev,test}.jsonl.")
     data.add_argument("--relations", default="all", help="'all' or comma-separated relation ids (P19,P20).")
     # the demo's template 1 is LAMA's manual template, so its first table row is the manual baseline
@@ -129,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     given = {name: getattr(args, name) for name in TRAINING_FLAGS}
+    if not given["multi_token"] and model_kind_of(args.model_name_or_path) == "causal":
+        given["multi_token"] = True  # a causal LM scores the object's own tokens: any length, ranked among candidates
     try:
         args.training = TrainingArguments.from_preset(args.preset, **given)
     except ValueError as err:
@@ -171,6 +176,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def model_kind_of(name_or_path: str) -> str | None:
+    """ "masked" or "causal" from the checkpoint's config; None when it cannot be read (load_model says why)."""
+    try:
+        return language_model_kind(AutoConfig.from_pretrained(name_or_path))
+    except (OSError, ValueError):
+        return None
+
+
 def load_model(args: argparse.Namespace):
     hint = ""
     if Path(args.model_name_or_path) == DEFAULT_MODEL and not DEFAULT_MODEL.is_dir():
@@ -182,15 +195,16 @@ def load_model(args: argparse.Namespace):
             f"Could not load a tokenizer from --model_name_or_path {args.model_name_or_path}: "
             f"{str(err).rstrip('.')}. Give a model folder or Hub id of a masked LM.{hint}"
         ) from None
+    if model_kind_of(args.model_name_or_path) != "causal":
+        try:
+            require_mask_token(tokenizer)
+        except TemplateError as err:
+            raise RelationDataError(f"--model_name_or_path {args.model_name_or_path}: {err}") from None
     try:
-        require_mask_token(tokenizer)
-    except TemplateError as err:
-        raise RelationDataError(f"--model_name_or_path {args.model_name_or_path}: {err}") from None
-    try:
-        model = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path)
+        model = load_language_model(args.model_name_or_path)
     except (OSError, ValueError) as err:
         raise RelationDataError(
-            f"Could not load a masked LM from --model_name_or_path {args.model_name_or_path}: {err}"
+            f"Could not load a masked or causal LM from --model_name_or_path {args.model_name_or_path}: {err}"
         ) from None
     return tokenizer, model
 

@@ -157,9 +157,14 @@ def _score_causal(
     causal_scoring: str,
 ) -> CandidateScores:
     """Causal LMs: each adapter's subjects in chunks, from the key/value cache of their prompts (or, for the types
-    whose cache cannot continue a prompt exactly, one full forward per candidate)."""
+    whose cache cannot continue a prompt exactly, one full forward per candidate). Rows come back in subject order,
+    each subject's K templates together, as for masked LMs."""
     device = model.embedding_device
+    sizes = [model.get_processor(name).num_templates for name in names]
+    starts = [sum(sizes[:b]) for b in range(len(subjects))]
     mixed = torch.empty(len(subjects), len(tokens), device=device)
+    per_row = torch.empty(sum(sizes), len(tokens), device=device)
+    weights = torch.empty(sum(sizes), device=device)
     was_training = model.training
     model.eval()
     try:
@@ -173,17 +178,24 @@ def _score_causal(
                         device=device, causal_scoring=causal_scoring,
                     )  # fmt: skip
                     out = model(**batch, adapter_names=chunk_names)
+                    first = starts[start]
                     mixed[start : start + len(chunk), c] = out.object_log_probs
-            return CandidateScores(candidates=list(candidates), tokens=tokens, log_probs=mixed)
-        for name in dict.fromkeys(names):
-            mine = [b for b, n in enumerate(names) if n == name]
-            for start in range(0, len(mine), batch_size):
-                rows = mine[start : start + batch_size]
+                    per_row[first : first + len(out.log_weights), c] = out.template_object_log_probs
+                    weights[first : first + len(out.log_weights)] = out.log_weights
+        else:
+            for name in dict.fromkeys(names):
+                mine = [b for b, n in enumerate(names) if n == name]
                 processor = model.get_processor(name)
-                scores, _, _ = score_causal_candidates(
-                    model, name, processor, [subjects[b] for b in rows], tokens, causal_scoring
-                )
-                mixed[torch.tensor(rows, device=device)] = scores
+                K = processor.num_templates
+                for start in range(0, len(mine), batch_size):
+                    facts = mine[start : start + batch_size]
+                    scores, rows, row_weights = score_causal_candidates(
+                        model, name, processor, [subjects[b] for b in facts], tokens, causal_scoring
+                    )
+                    mixed[torch.tensor(facts, device=device)] = scores
+                    places = torch.tensor([starts[b] + k for b in facts for k in range(K)], device=device)
+                    per_row[places] = rows
+                    weights[places] = row_weights
     finally:
         model.train(was_training)
-    return CandidateScores(candidates=list(candidates), tokens=tokens, log_probs=mixed)
+    return CandidateScores(list(candidates), tokens, mixed, per_row, weights)

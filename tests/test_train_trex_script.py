@@ -419,3 +419,21 @@ def test_multi_token_evaluation_across_two_processes_ranks_every_fact_once(fx, t
         for row in ("hard_first", "hard_mixture"):
             assert a[split][row] == b[split][row]
             assert a["by_length"][split]["multi_token"][row] == b["by_length"][split]["multi_token"][row]
+
+
+def test_a_causal_lm_trains_with_no_other_flag(fx, tmp_path):
+    """examples/train_trex.py takes a causal LM as it is: objects of any length, ranked among candidates."""
+    from test_causal import gpt2_style_tokenizer, tiny_causal
+
+    folder = tmp_path / "gpt2"
+    gpt2_style_tokenizer(folder, bos=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tiny_causal("gpt2", len(tokenizer)).save_pretrained(str(folder))
+    out = tmp_path / "out"
+    proc = script(argv(fx, out, "--num_train_epochs", "1", model=folder), tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["multi_token"] is True
+    p19 = results["relations"]["P19"]
+    assert p19["test"]["soft"]["count"] > 0 and 0.0 <= p19["test"]["soft"]["p@1"] <= 1.0
+    assert set(p19["by_length"]["test"]) == {"single_token", "multi_token"}
