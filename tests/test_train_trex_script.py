@@ -421,19 +421,39 @@ def test_multi_token_evaluation_across_two_processes_ranks_every_fact_once(fx, t
             assert a["by_length"][split]["multi_token"][row] == b["by_length"][split]["multi_token"][row]
 
 
-def test_a_causal_lm_trains_with_no_other_flag(fx, tmp_path):
-    """examples/train_trex.py takes a causal LM as it is: objects of any length, ranked among candidates."""
+@pytest.fixture(scope="module")
+def causal_lm(tmp_path_factory) -> Path:
+    """A saved tiny GPT-2 with a byte-level BPE tokenizer that has no mask token."""
     from test_causal import gpt2_style_tokenizer, tiny_causal
 
-    folder = tmp_path / "gpt2"
+    folder = tmp_path_factory.mktemp("gpt2")
     gpt2_style_tokenizer(folder, bos=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    tiny_causal("gpt2", len(tokenizer)).save_pretrained(str(folder))
+    tiny_causal("gpt2", len(AutoTokenizer.from_pretrained(str(folder)))).save_pretrained(str(folder))
+    return folder
+
+
+def test_a_causal_lm_trains_with_no_other_flag(fx, causal_lm, tmp_path):
+    """examples/train_trex.py takes a causal LM as it is: objects of any length, ranked among candidates."""
     out = tmp_path / "out"
-    proc = script(argv(fx, out, "--num_train_epochs", "1", model=folder), tmp_path)
+    proc = script(argv(fx, out, "--num_train_epochs", "1", model=causal_lm), tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["multi_token"] is True
     p19 = results["relations"]["P19"]
     assert p19["test"]["soft"]["count"] > 0 and 0.0 <= p19["test"]["soft"]["p@1"] <= 1.0
     assert set(p19["by_length"]["test"]) == {"single_token", "multi_token"}
+
+
+def test_a_causal_lm_across_two_processes_ranks_like_one_in_bf16(fx, causal_lm, tmp_path):
+    common = ["--num_train_epochs", "1", "--per_device_eval_batch_size", "5", "--mixed_precision", "bf16"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    alone = script(argv(fx, single, *common, model=causal_lm), tmp_path)
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    pair = script(argv(fx, double, *common, model=causal_lm), tmp_path, launcher=two_process_launch(29850))
+    assert pair.returncode == 0, pair.stdout[-3000:] + pair.stderr[-6000:]
+    a = json.loads((single / "results.json").read_text())["relations"]["P19"]
+    b = json.loads((double / "results.json").read_text())["relations"]["P19"]
+    for split in ("dev", "test"):
+        assert b[split]["soft"]["count"] == 17
+        for row in ("hard_first", "hard_mixture"):
+            assert a[split][row] == b[split][row]
