@@ -609,9 +609,9 @@ class Bench:
 
     # -- evaluation -------------------------------------------------------------------------------------
 
-    def eval_cases(self) -> list[Case]:
-        args, device = self.args, self.device
-        pm = self.train_pm
+    def eval_setup(self) -> tuple[PeftModelForSoftMixture, str, list[tuple[str, str]]]:
+        """The evaluation groups' model, their K-template adapter (made active) and ``--eval_facts`` test facts."""
+        args, pm = self.args, self.train_pm
         name = f"k{args.eval_k}_shallow"
         if name not in pm.peft_config:
             templates = relation_templates(self.data_dir, args.relation, args.eval_k)
@@ -619,9 +619,13 @@ class Bench:
                 name, SoftMixtureConfig(templates=templates, tokenizer_name_or_path=str(self.train_tokenizer_dir))
             )
         pm.set_adapter(name)
-        tokenizer = pm.tokenizer
         facts = [f for f in relation_facts(self.data_dir, args.relation, "test") if f[0] and f[1]]
-        facts = (facts * (1 + args.eval_facts // max(1, len(facts))))[: args.eval_facts]
+        return pm, name, (facts * (1 + args.eval_facts // max(1, len(facts))))[: args.eval_facts]
+
+    def eval_cases(self) -> list[Case]:
+        args, device = self.args, self.device
+        pm, name, facts = self.eval_setup()
+        tokenizer = pm.tokenizer
         subjects = [s for s, _ in facts]
         objects = [o for _, o in facts]
         vocab = (self.data_dir / "vocab" / "common_vocab_cased.txt").read_text(encoding="utf-8").split()
@@ -707,17 +711,8 @@ class Bench:
         """Facts per second ranking a relation's candidate objects (any length) against single-token evaluation over
         the vocabulary, on the same model, adapter and facts; and how the cost grows with the number of candidates."""
         args, device = self.args, self.device
-        pm = self.train_pm
-        name = f"k{args.eval_k}_shallow"
-        if name not in pm.peft_config:
-            templates = relation_templates(self.data_dir, args.relation, args.eval_k)
-            pm.add_adapter(
-                name, SoftMixtureConfig(templates=templates, tokenizer_name_or_path=str(self.train_tokenizer_dir))
-            )
-        pm.set_adapter(name)
+        pm, name, facts = self.eval_setup()
         tokenizer = pm.tokenizer
-        facts = [f for f in relation_facts(self.data_dir, args.relation, "test") if f[0] and f[1]]
-        facts = (facts * (1 + args.eval_facts // max(1, len(facts))))[: args.eval_facts]
         subjects = [s for s, _ in facts]
         # every distinct object of the relation that the tokenizer can write, of any length
         objects = [
@@ -733,7 +728,7 @@ class Bench:
                 for start in range(0, len(subjects), size):
                     pm(**pm.encode(subjects[start : start + size], device=device)).log_probs.argmax(-1)
 
-        def ranked(chosen: list[str]) -> Callable[[], None]:
+        def ranked(chosen: list[str]) -> Callable[[], object]:
             return lambda: pm.score_candidates(subjects, chosen, batch_size=size)
 
         # the same distinct lengths with one candidate each: if the cost grows with lengths only, this costs as much
