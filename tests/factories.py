@@ -58,12 +58,21 @@ def bpe_tokenizer(target_dir: str | Path, words: tuple[str, ...] = WORDS) -> str
     Every word is one token after a space (``Ġword``); at the start of a text it is spelled out byte by byte. The
     merges only ever extend a ``Ġ``-prefix by one character, so they never compete and the result is exact.
     """
+    vocab, merges = byte_level_vocabulary(["<s>", "<pad>", "</s>", "<unk>"], words)
+    vocab["<mask>"] = len(vocab)
+    mask = AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True)
+    tokenizer = RobertaTokenizer(vocab=vocab, merges=merges, mask_token=mask)
+    return _save_and_check(tokenizer, Path(target_dir) / "bpe", "<mask>")
+
+
+def byte_level_vocabulary(
+    specials: list[str], words: tuple[str, ...] = WORDS
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary and merges in which every word is one ``Ġword`` token (see `bpe_tokenizer`)."""
     from tokenizers.pre_tokenizers import ByteLevel
 
-    specials = ["<s>", "<pad>", "</s>", "<unk>"]
-    alphabet = sorted(ByteLevel.alphabet())
     vocab: dict[str, int] = {}
-    for piece in specials + alphabet:
+    for piece in specials + sorted(ByteLevel.alphabet()):
         vocab.setdefault(piece, len(vocab))
     merges: list[tuple[str, str]] = []
     for word in (*CHARACTERS, *words):  # single characters first, so unknown words still start with 'Ġx'
@@ -73,10 +82,7 @@ def bpe_tokenizer(target_dir: str | Path, words: tuple[str, ...] = WORDS) -> str
                 vocab[prefix + char] = len(vocab)
                 merges.append((prefix, char))
             prefix += char
-    vocab["<mask>"] = len(vocab)
-    mask = AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True)
-    tokenizer = RobertaTokenizer(vocab=vocab, merges=merges, mask_token=mask)
-    return _save_and_check(tokenizer, Path(target_dir) / "bpe", "<mask>")
+    return vocab, merges
 
 
 def unigram_tokenizer(target_dir: str | Path, words: tuple[str, ...] = WORDS, mask_token: str = "<mask>") -> str:

@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
-from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, LlamaConfig, LlamaForCausalLM
 
 from peft_softmix import SoftMixtureConfig
 from peft_softmix.errors import TemplateError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from factories import CHARACTERS, WORDS  # noqa: E402
+from factories import byte_level_vocabulary  # noqa: E402
 
 TEMPLATES = ["[X] was born in [Y] .", "[Y] is where [X] was born ."]
 EOT = "<|endoftext|>"
@@ -24,17 +23,7 @@ EOT = "<|endoftext|>"
 
 def gpt2_style_tokenizer(folder: Path, bos: bool) -> str:
     """A byte-level BPE tokenizer with no mask token; every test word is one ``Ġword`` token."""
-    vocab: dict[str, int] = {}
-    for piece in [EOT, *sorted(ByteLevel.alphabet())]:
-        vocab.setdefault(piece, len(vocab))
-    merges = []
-    for word in (*CHARACTERS, *WORDS):
-        prefix = "Ġ"
-        for char in word:
-            if prefix + char not in vocab:
-                vocab[prefix + char] = len(vocab)
-                merges.append((prefix, char))
-            prefix += char
+    vocab, merges = byte_level_vocabulary([EOT])
     tokenizer = GPT2Tokenizer(
         vocab=vocab, merges=merges, add_bos_token=bos, bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT
     )
