@@ -909,7 +909,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             running = 0.0
         if step % args.eval_every == 0 and not args.dry_run:
-            print(f"  recall, 250 facts per relation: {recall_sample()}", flush=True)
+            print(f"  recall, {250 if word else 50} facts per relation: {recall_sample()}", flush=True)
     train_seconds = time.time() - train_start
     train_cpu_seconds = time.process_time() - train_cpu_start
     if args.dry_run:
