@@ -4,6 +4,7 @@ query / pipeline / CLI options, and bad input."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +236,21 @@ def test_bad_decoding_options_get_clear_errors(peft_model):
     with pytest.raises(ValueError, match="list of objects"):
         peft_model.query(["Dante"], candidates="Rome")
     assert peft_model.query([], max_tokens=2) == []
+
+
+def test_the_decoding_benchmark_reports_every_strategy_and_reloads_its_adapters(tmp_path):
+    from conftest import load_script
+
+    script = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "decoding.py")
+    argv = ["--relations", "P103", "--max_test", "6", "--epochs", "1", "--max_tokens", "2", "--device", "cpu"]
+    argv += ["--adapters", str(tmp_path / "adapters"), "--output", str(tmp_path / "result.json")]
+    trained = script.main(argv)
+    assert (tmp_path / "adapters" / "P103" / "adapter_config.json").is_file()
+    assert json.loads((tmp_path / "result.json").read_text())["strategies"] == trained["strategies"]
+    assert trained["facts"]["single"] + trained["facts"]["multi"] == 6
+    for strategy in ("independent", "left_to_right", "confidence"):
+        row = trained["strategies"][strategy]
+        assert 0.0 <= row["raw"]["all"] <= 1.0 and row["ms_per_fact"] > 0
+    reloaded = script.main(argv)  # the saved adapters: the same answers
+    for strategy in ("independent", "left_to_right", "confidence"):
+        assert reloaded["per_relation"]["P103"][strategy]["hits"] == trained["per_relation"]["P103"][strategy]["hits"]
