@@ -169,21 +169,16 @@ def _decode_chunk(
         filled = torch.where(open_, best_token, -1).repeat_interleave(W, dim=0)
     filled[torch.arange(J * W, device=device), branch[hyp_job]] = first_tokens.reshape(-1)
 
-    # the rows of each job, and of each hypothesis (a copy of its job's rows)
-    starts = torch.tensor([0, *sizes], device=device).cumsum(0)[:-1]
-    size_of = torch.tensor(sizes, device=device)
+    search = _Search(model, batch, log_probs, prior, sizes, hyp_job, open_[hyp_job], job_names, strategy)
     if strategy != "independent":
-        masks = open_[hyp_job]
         for _ in range(1, L):
-            active = ((filled < 0) & masks).any(dim=1).nonzero().squeeze(1)
+            active = ((filled < 0) & search.masks).any(dim=1).nonzero().squeeze(1)
             if active.numel() == 0:
                 break
-            _fill_one(
-                model, batch, log_probs, prior, filled, masks, active, hyp_job, starts, size_of, strategy, job_names
-            )
+            search.fill_one(filled, active)
 
     # exact scores of every hypothesis: sum_j log p_k(y_j|x) at the first pass, mixed with pi_k
-    rows, row_hyp = _rows_of(torch.arange(J * W, device=device), hyp_job, starts, size_of)
+    rows, row_hyp = search.rows_of(torch.arange(J * W, device=device))
     per_row = _filled_log_probs(log_probs, rows, filled[row_hyp])  # [R]
     hyp_sizes = tuple(sizes[j] for j in hyp_job.tolist())
     mixture = mix_rows(per_row, prior[rows], FactGroups(hyp_sizes, row_hyp))  # [H]
@@ -195,22 +190,10 @@ def _decode_chunk(
         K = sizes[b * L]
         tokens = [tuple(t for t in filled_list[h] if t >= 0) for h in hyps]
         template = torch.stack([per_row[row_starts[h] : row_starts[h] + K] for h in hyps])
-        weights = prior[int(starts[b * L]) : int(starts[b * L]) + K]
+        first_row = sum(sizes[: b * L])
+        weights = prior[first_row : first_row + K]
         out.append(AnswerScores(tokens, mixture[hyps.start : hyps.stop], template, weights))
     return out
-
-
-def _rows_of(
-    hyps: torch.Tensor, hyp_job: torch.Tensor, starts: torch.Tensor, size_of: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first-pass rows of each hypothesis of ``hyps`` (its job's K rows), and each such row's place in ``hyps``."""
-    jobs = hyp_job[hyps]
-    counts = size_of[jobs]
-    row_hyp = torch.arange(hyps.shape[0], device=hyps.device).repeat_interleave(counts)
-    offset = torch.arange(int(counts.sum()), device=hyps.device) - (counts.cumsum(0) - counts).repeat_interleave(
-        counts
-    )
-    return starts[jobs].repeat_interleave(counts) + offset, row_hyp
 
 
 def _filled_log_probs(log_probs: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -220,48 +203,60 @@ def _filled_log_probs(log_probs: torch.Tensor, rows: torch.Tensor, tokens: torch
     return (picked * (tokens >= 0)).sum(dim=1)
 
 
-def _fill_one(
-    model: Any,
-    batch: dict[str, Any],
-    log_probs: torch.Tensor,
-    prior: torch.Tensor,
-    filled: torch.Tensor,
-    masks: torch.Tensor,
-    active: torch.Tensor,
-    hyp_job: torch.Tensor,
-    starts: torch.Tensor,
-    size_of: torch.Tensor,
-    strategy: str,
-    job_names: list[str],
-) -> None:
-    """One pass for the ``active`` hypotheses with their filled tokens written in; each fills one more of its
-    ``masks`` (``[H, L]``, the masks its length has), in ``filled``."""
-    rows, row_hyp = _rows_of(active, hyp_job, starts, size_of)
-    tokens = filled[active][row_hyp]  # [R, L]
-    targets = batch["target_positions"][rows]
-    input_ids, roles = batch["input_ids"][rows].clone(), batch["roles"][rows].clone()
-    r, j = (tokens >= 0).nonzero(as_tuple=True)
-    input_ids[r, targets[r, j]] = tokens[r, j]
-    roles[r, targets[r, j]] = HARD  # a filled mask is a word of the text, as the subject's are
-    sub = {
-        "input_ids": input_ids,
-        "attention_mask": batch["attention_mask"][rows],
-        "roles": roles,
-        "mask_positions": batch["mask_positions"][rows],
-        "fact_index": row_hyp,
-        "target_positions": targets,
-    }
-    jobs = hyp_job[active].tolist()
-    out = model(**sub, adapter_names=[job_names[job] for job in jobs], return_template_log_probs=True)
-    # each template's posterior given the filled tokens, under the model's sequence score (first pass)
-    posterior = prior[rows] + _filled_log_probs(log_probs, rows, tokens)
-    groups = FactGroups(tuple(size_of[jobs].tolist()), row_hyp)
-    mixed = mix_rows(out.template_log_probs, posterior, groups)  # [H, L, V]
-    best, best_token = mixed.max(dim=-1)
-    still_open = (filled[active] < 0) & masks[active]
-    if strategy == "left_to_right":
-        where = still_open.int().argmax(dim=1)  # the leftmost open mask
-    else:
-        where = best.masked_fill(~still_open, float("-inf")).argmax(dim=1)
-    picked = best_token.gather(1, where[:, None]).squeeze(1)
-    filled[active, where] = picked
+@dataclass
+class _Search:
+    """The decoding of one chunk: its first pass (all masks open) and each hypothesis' job (subject, length)."""
+
+    model: Any
+    batch: dict[str, Any]  # the first pass's rows, K per job
+    log_probs: torch.Tensor  # [N, L, V] of the first pass
+    prior: torch.Tensor  # [N] log pi_k of each row
+    sizes: tuple[int, ...]  # K of each job
+    hyp_job: torch.Tensor  # [H] the job of each hypothesis
+    masks: torch.Tensor  # [H, L] the masks each hypothesis' length has
+    job_names: list[str]
+    strategy: str
+
+    def rows_of(self, hyps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first-pass rows of each hypothesis of ``hyps`` (its job's K rows), and each row's place in ``hyps``."""
+        device = hyps.device
+        starts = torch.tensor([0, *self.sizes], device=device).cumsum(0)[:-1]
+        jobs = self.hyp_job[hyps]
+        counts = torch.tensor(self.sizes, device=device)[jobs]
+        row_hyp = torch.arange(hyps.shape[0], device=device).repeat_interleave(counts)
+        before = (counts.cumsum(0) - counts).repeat_interleave(counts)
+        return starts[jobs].repeat_interleave(counts) + torch.arange(
+            int(counts.sum()), device=device
+        ) - before, row_hyp
+
+    def fill_one(self, filled: torch.Tensor, active: torch.Tensor) -> None:
+        """One pass for the ``active`` hypotheses with their tokens so far written in; each fills one more of its
+        masks, in ``filled`` (``[H, L]``, -1 where open)."""
+        rows, row_hyp = self.rows_of(active)
+        tokens = filled[active][row_hyp]  # [R, L]
+        batch = self.batch
+        targets = batch["target_positions"][rows]
+        input_ids, roles = batch["input_ids"][rows].clone(), batch["roles"][rows].clone()
+        r, j = (tokens >= 0).nonzero(as_tuple=True)
+        input_ids[r, targets[r, j]] = tokens[r, j]
+        roles[r, targets[r, j]] = HARD  # a filled mask is a word of the text, as the subject's are
+        sub = {
+            "input_ids": input_ids,
+            "attention_mask": batch["attention_mask"][rows],
+            "roles": roles,
+            "mask_positions": batch["mask_positions"][rows],
+            "fact_index": row_hyp,
+            "target_positions": targets,
+        }
+        jobs = self.hyp_job[active].tolist()
+        out = self.model(**sub, adapter_names=[self.job_names[j] for j in jobs], return_template_log_probs=True)
+        # each template's posterior given the filled tokens, under the model's sequence score (first pass)
+        posterior = self.prior[rows] + _filled_log_probs(self.log_probs, rows, tokens)
+        groups = FactGroups(tuple(self.sizes[j] for j in jobs), row_hyp)
+        best, best_token = mix_rows(out.template_log_probs, posterior, groups).max(dim=-1)  # [H, L]
+        still_open = (filled[active] < 0) & self.masks[active]
+        if self.strategy == "left_to_right":
+            where = still_open.int().argmax(dim=1)  # the leftmost open mask
+        else:
+            where = best.masked_fill(~still_open, float("-inf")).argmax(dim=1)
+        filled[active, where] = best_token.gather(1, where[:, None]).squeeze(1)

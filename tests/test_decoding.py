@@ -254,3 +254,16 @@ def test_the_decoding_benchmark_reports_every_strategy_and_reloads_its_adapters(
     reloaded = script.main(argv)  # the saved adapters: the same answers
     for strategy in ("independent", "left_to_right", "confidence"):
         assert reloaded["per_relation"]["P103"][strategy]["hits"] == trained["per_relation"]["P103"][strategy]["hits"]
+
+
+def test_subjects_of_adapters_with_other_k_decode_as_each_alone(peft_model, tiny_dir):
+    peft_model.add_adapter("one", SoftMixtureConfig(templates=[TEMPLATES[1]], tokenizer_name_or_path=str(tiny_dir)))
+    names = ["default", "one", "default"]
+    subjects = ["Dante", "Ali", "Bo"]
+    for strategy in ("independent", "confidence"):
+        together = decode_answers(peft_model, subjects, 3, strategy, num_beams=2, adapter_names=names)
+        for subject, name, both in zip(subjects, names, together):
+            [alone] = decode_answers(peft_model, [subject], 3, strategy, num_beams=2, adapter_names=[name])
+            assert alone.tokens == both.tokens
+            torch.testing.assert_close(alone.log_probs, both.log_probs, atol=1e-5, rtol=0)
+            assert both.log_weights.shape == (len(peft_model.peft_config[name].templates),)
