@@ -107,7 +107,9 @@ def decode_answers(
     """Decode each subject's answers of 1..``max_tokens`` tokens through its adapter (the active one by default) of a
     `PeftModelForSoftMixture`: up to ``num_beams`` answers per length, ranked across lengths (see the module).
 
-    Raises `QueryTooLongError`, naming the model's limit, when ``max_tokens`` masks make a query too long.
+    ``batch_size`` subjects share a pass (``batch_size // num_beams`` with the filling strategies, whose passes run
+    every beam). Raises `QueryTooLongError`, naming the model's limit, when ``max_tokens`` masks make a query too
+    long.
     """
     check_subjects(subjects, "decode", allow_empty=True)
     check_decoding_options(max_tokens, strategy, num_beams)
@@ -120,9 +122,11 @@ def decode_answers(
     model.eval()
     results: list[AnswerScores] = []
     try:
-        for start in range(0, len(subjects), batch_size):
-            chunk = list(subjects[start : start + batch_size])
-            found = _decode_chunk(model, chunk, names[start : start + batch_size], max_tokens, strategy, num_beams)
+        # a filling pass runs every beam: batch_size bounds subjects x beams there, so memory does not grow with W
+        step = batch_size if strategy == "independent" else max(1, batch_size // num_beams)
+        for start in range(0, len(subjects), step):
+            chunk = list(subjects[start : start + step])
+            found = _decode_chunk(model, chunk, names[start : start + step], max_tokens, strategy, num_beams)
             results.extend(answers.ranked(length_normalized) for answers in found)
     finally:
         model.train(was_training)
