@@ -26,12 +26,16 @@ from weakref import WeakKeyDictionary
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .causal_decoding import causal_answers
 from .decoding import DEFAULT_STRATEGY, AnswerScores, check_decoding_options, decode_answers
 from .inputs import candidate_mask as checked_candidate_mask
 from .inputs import check_query_options, check_subjects
 from .ranking import score_candidates
 
-__all__ = ["object_string", "query_model", "token_strings"]
+__all__ = ["CAUSAL_MAX_TOKENS", "object_string", "query_model", "token_strings"]
+
+# the longest answer `query` decodes from a causal LM's adapter unless told (an object ends where the template goes on)
+CAUSAL_MAX_TOKENS = 5
 
 _TOKEN_STRINGS: WeakKeyDictionary[PreTrainedTokenizerBase, dict[int, str]] = WeakKeyDictionary()
 
@@ -74,7 +78,7 @@ def query_model(
     candidate_ids: Sequence[int] | None = None,
     batch_size: int = 64,
     adapter_names: Sequence[str] | None = None,
-    max_tokens: int = 1,
+    max_tokens: int | None = None,
     strategy: str = DEFAULT_STRATEGY,
     candidates: Sequence[str] | None = None,
     length_normalized: bool = False,
@@ -85,18 +89,27 @@ def query_model(
     adapters share batches, one forward pass each. ``subjects`` is a list (a bare string is refused); ``top_k`` and
     ``batch_size`` are >= 1; ``candidate_ids`` are token ids (the single-token answers are restricted to them).
 
+    A causal LM's adapter decodes after the prompt with a beam search over the mixture that stops at the end of the
+    object (`peft_softmix.causal_decoding`; ``max_tokens`` defaults to 5 there, and to 1 for a masked LM).
+
     ``max_tokens`` > 1 decodes open answers of 1..max_tokens tokens by ``strategy`` (`peft_softmix.decoding`: it
     keeps the top_k first tokens per length); ``candidates`` (objects of any length) ranks those instead
     (`score_candidates`); both rank by p(y|x), or by log p(y|x) / n with ``length_normalized``.
     """
     check_subjects(subjects, "query", allow_empty=True)
     check_query_options(top_k, batch_size)
-    check_decoding_options(max_tokens, strategy)
     if adapter_names is not None and (isinstance(adapter_names, str) or len(adapter_names) != len(subjects)):
         raise ValueError(
             f"query got {len(subjects)} subject(s) and adapter_names={adapter_names!r}; give one adapter name per "
             "subject (a list)."
         )
+    names = list(adapter_names) if adapter_names is not None else [model.active_adapter] * len(subjects)
+    causal = any(model.get_processor(name).causal for name in dict.fromkeys(names))
+    if max_tokens is None:
+        max_tokens = CAUSAL_MAX_TOKENS if causal else 1
+    check_decoding_options(max_tokens, strategy)
+    if causal and candidates is None:
+        return _causal_answers(model, subjects, names, top_k, max_tokens, candidate_ids, return_template_probs)
     if candidates is not None or max_tokens > 1:
         return _any_length(
             model, subjects, top_k, return_template_probs, candidate_ids, batch_size, adapter_names, max_tokens,
@@ -105,7 +118,6 @@ def query_model(
     device = model.embedding_device
     candidate_mask = checked_candidate_mask(candidate_ids, model._vocab_size, device)
     count = None if candidate_mask is None else int(candidate_mask.sum())
-    names = list(adapter_names) if adapter_names is not None else [model.active_adapter] * len(subjects)
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []
@@ -183,6 +195,31 @@ def _plain(tokenizer: PreTrainedTokenizerBase, values: torch.Tensor, ids: torch.
         {"score": score, "token": token, "token_str": text}
         for score, token, text in zip(values.exp().tolist(), token_ids, token_strings(tokenizer, token_ids))
     ]
+
+
+def _causal_answers(
+    model: Any,
+    subjects: Sequence[str],
+    names: list[str],
+    top_k: int,
+    max_tokens: int,
+    candidate_ids: Sequence[int] | None,
+    return_template_probs: bool,
+) -> list[dict[str, Any]]:
+    """A causal LM's open answers, each adapter's subjects together, in the subjects' order."""
+    if candidate_ids is not None or return_template_probs:
+        raise ValueError(
+            "candidate_ids and return_template_probs are for a masked LM's single-token answers; a causal LM's "
+            "adapter ranks objects given as candidates=[...] (text), and each answer's template_shares say what "
+            "each template gives it."
+        )
+    results: list[dict[str, Any] | None] = [None] * len(subjects)
+    for name in dict.fromkeys(names):
+        mine = [b for b, n in enumerate(names) if n == name]
+        found = causal_answers(model, name, [subjects[b] for b in mine], top_k=top_k, max_tokens=max_tokens)
+        for b, answer in zip(mine, found):
+            results[b] = answer
+    return [r for r in results if r is not None]
 
 
 def _any_length(

@@ -357,7 +357,7 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         candidate_ids: Sequence[int] | None = None,
         batch_size: int = 64,
         adapter_names: Sequence[str] | None = None,
-        max_tokens: int = 1,
+        max_tokens: int | None = None,
         strategy: str = DEFAULT_STRATEGY,
         candidates: Sequence[str] | None = None,
         length_normalized: bool = False,

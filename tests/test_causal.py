@@ -261,3 +261,14 @@ def test_every_named_causal_type_reproduces_the_frozen_model_end_to_end(model_ty
         expected = [hand_score(frozen, tokenizer, TEMPLATES[0], s, candidate, False) for s in subjects]
         assert out.object_log_probs.tolist() == pytest.approx(expected, abs=2e-4), candidate
         assert scores.log_probs[:, c].tolist() == pytest.approx(expected, abs=2e-4), candidate
+
+
+def test_query_on_a_causal_adapter_decodes_or_ranks(causal_model):
+    answers = causal_model.query(["Dante"], top_k=2)
+    predictions = answers[0]["predictions"]
+    assert 1 <= len(predictions) <= 2 and all(1 <= len(p["tokens"]) <= 5 for p in predictions)
+    ranked = causal_model.query(["Dante"], candidates=["Florence", "Ulm"], top_k=2)[0]["predictions"]
+    exact = causal_model.score_candidates(["Dante"], ["Florence", "Ulm"]).log_probs[0].exp()
+    assert sorted(p["score"] for p in ranked) == pytest.approx(sorted(exact.tolist()), rel=1e-4)
+    with pytest.raises(ValueError, match="candidate_ids"):
+        causal_model.query(["Dante"], candidate_ids=[1, 2])
