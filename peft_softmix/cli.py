@@ -1,6 +1,6 @@
 """The ``peft-softmix`` command line: ask a saved adapter, score it on a facts file, look inside it.
 
-    peft-softmix ask ADAPTER "Dante Alighieri" [--top_k 5] [--max_tokens 3 [--strategy confidence]]
+    peft-softmix ask ADAPTER "Dante Alighieri" [--top_k 5] [--max_tokens 3 [--strategy independent]]
                      [--candidates FILE] [--length_normalized] [--base MODEL] [--json]
     peft-softmix evaluate ADAPTER --facts test.jsonl [--common_vocab FILE] [--json]
     peft-softmix evaluate ADAPTER --facts test.jsonl --multi_token [--candidates FILE] [--json]
@@ -31,7 +31,7 @@ from rich.table import Table
 __all__ = ["app", "main"]
 
 # the library's default, repeated here so that `--help` needs no torch import (tests/test_decoding.py checks it)
-DEFAULT_STRATEGY = "confidence"
+DEFAULT_STRATEGY = "independent"
 
 app = typer.Typer(
     name="peft-softmix",

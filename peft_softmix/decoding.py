@@ -51,7 +51,7 @@ from .tokenization import HARD
 __all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "AnswerScores", "check_decoding_options", "decode_answers"]
 
 STRATEGIES = ("independent", "left_to_right", "confidence")
-DEFAULT_STRATEGY = "confidence"
+DEFAULT_STRATEGY = "independent"
 
 
 @dataclass

@@ -9,7 +9,7 @@ each through its relation's adapter when ``adapter_names`` are given, in the for
 >>> ask("Dante Alighieri", top_k=3)                       # one subject: one answer dict
 >>> ask(["Dante", "Paris"], adapter_names=["P19", "P17"])  # several: a list, each through its adapter
 >>> ask("Dante", candidates=["Florence", "Rome"])          # answers restricted to these words (or token ids)
->>> ask("Dante", max_tokens=3, strategy="confidence")      # open answers of up to 3 tokens, decoded
+>>> ask("Dante", max_tokens=3, strategy="left_to_right")   # open answers of up to 3 tokens, decoded
 >>> ask("Dante", max_tokens=3, candidates=["New York City", "Rome"])  # objects of any length, ranked
 ```
 """
