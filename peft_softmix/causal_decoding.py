@@ -3,7 +3,8 @@
 Every (subject, template) prompt runs once; each step feeds the chosen tokens of every beam to every template's
 cache. A partial answer y has the mixture score log sum_k pi_k p_k(y|x); it *ends* under template k when the next
 token is the one the template writes after ``[Y]`` (its first word after the slot, else the end-of-text token), so
-a finished answer scores log sum_k pi_k p_k(y|x) p_k(end_k|x, y). The search keeps ``num_beams`` partial answers per
+a finished answer scores log sum_k pi_k p_k(y|x) p_k(end_k|x, y); an answer never holds a special token or a
+template's end token. The search keeps ``num_beams`` partial answers per
 subject for up to ``max_tokens`` tokens; the finished answers are then scored exactly by `score_candidates` (every
 template, as ``causal_scoring`` says) and ranked.
 
@@ -64,6 +65,7 @@ def decode_causal(
             "cannot be told; add text after [Y] or set tokenizer.eos_token."
         )
     B, K = len(subjects), len(proposing)
+    banned = torch.tensor(sorted(set(ends) | set(tokenizer.all_special_ids)), device=device)
     weights = model._encoder(name).log_weights().to(device)[torch.tensor(proposing, device=device)]
     weights = weights - torch.logsumexp(weights, 0)  # the proposing templates' share of the mixture
     lengths = torch.tensor([r.shape[0] for r in rows], device=device)
@@ -99,6 +101,8 @@ def decode_causal(
         joint = so_far.unsqueeze(-1) + next_log_probs  # [B, J, K, V]
         J, V = joint.shape[1], joint.shape[3]
         mixed = torch.logsumexp(mixture.unsqueeze(-1) + joint, dim=2)  # [B, J, V]
+        # an answer holds no special token, nor the word that ends it under a template (". " after "Microsoft")
+        mixed[..., banned] = float("-inf")
         top = mixed.flatten(1).topk(min(num_beams, J * V), dim=1)
         parents, tokens = top.indices // V, top.indices % V  # [B, J']
         beams = [[beams[b][p] + (t,) for p, t in zip(parents[b].tolist(), tokens[b].tolist())] for b in range(B)]
