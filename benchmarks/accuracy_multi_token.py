@@ -21,6 +21,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
@@ -309,6 +310,38 @@ def run_peer(peer: Peer, learning_rate: float, args: argparse.Namespace, data: R
     return fit(scorer, data, args, learning_rate, data.splits["train"])
 
 
+NOT_DECODED = 10**6  # the rank of a gold object that decoding did not produce at all
+
+
+def decoding_available() -> bool:
+    return importlib.util.find_spec("peft_softmix.decoding") is not None
+
+
+def run_decoding(args: argparse.Namespace, data: RelationFacts, tokenizer) -> Fitted:
+    """X-FACTR-style prior art: the manual template, untrained, answers of up to the relation's longest candidate
+    decoded without candidates (confidence-ordered filling); a fact's rank is its object's place among the decoded
+    answers (exact match of the tokens), so P@1 is exact-match accuracy."""
+    from peft_softmix.decoding import decode_answers
+
+    set_seed(args.seed)
+    base = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path)
+    config = SoftMixtureConfig(
+        templates=data.templates["manual"],
+        tokenizer_name_or_path=args.model_name_or_path,
+        base_model_name_or_path=args.model_name_or_path,
+        seed=args.seed,
+    )
+    model = get_peft_model(base, config)
+    longest = max(len(object_tokens(tokenizer, c)) for c in data.candidates)
+    facts = data.splits["test"]
+    answers = decode_answers(model, [f.subject for f in facts], max_tokens=longest, strategy=args.decoding_strategy)
+    ranks = []
+    for fact, found in zip(facts, answers):
+        gold = tuple(object_tokens(tokenizer, fact.object))
+        ranks.append(found.tokens.index(gold) + 1 if gold in found.tokens else NOT_DECODED)
+    return Fitted(0, math.nan, torch.tensor(ranks))
+
+
 # -- scores and tables -------------------------------------------------------------------------------------------
 
 
@@ -439,6 +472,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="The PEFT peers' sweep; each keeps the best macro dev P@1. Default 1e-3 1e-2 1e-1 3e-1 (--quick: "
         "1e-2 1e-1).",
     )
+    parser.add_argument(
+        "--decoding_strategy",
+        default="confidence",
+        help="How the X-FACTR-style row fills its masks (peft_softmix.decoding's strategies).",
+    )
     parser.add_argument("--max_object_tokens", type=int, default=8, help="Leave out objects of more tokens.")
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--max_eval_samples", type=int, default=None)
@@ -498,6 +536,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         methods[row.name] = subset_scores(metric, {r: f.test_ranks for r, f in fitted.items()}, lengths)
         timings[row.name] = time.time() - t0
         progress(row.name)
+
+    if "xfactr_decoding" not in args.skip and decoding_available():
+        t0 = time.time()
+        with quiet(out / "runs" / "xfactr_decoding" / "log.txt", args.verbose):
+            fitted = {rel: run_decoding(args, d, tokenizer) for rel, d in data.items()}
+        methods["xfactr_decoding"] = subset_scores(metric, {r: f.test_ranks for r, f in fitted.items()}, lengths)
+        timings["xfactr_decoding"] = time.time() - t0
+        progress("xfactr_decoding")
 
     sweeps: dict[str, dict[str, Any]] = {}
     for peer in PEERS:
