@@ -12,19 +12,25 @@ Every method is trained on the train facts of each relation, picked by dev P@1 a
   the vectors at random;
 - peers on the same facts: PEFT's own ``PROMPT_TUNING`` and ``P_TUNING`` (``--num_virtual_tokens`` virtual tokens
   before the manual template), trained by the same loop (``peft_softmix.trainer.RelationTrainer``: the same
-  optimiser, batches, epochs and dev selection) through a small wrapper that scores the mask (`PeftPeer`),
+  optimiser, batches, epochs and dev selection) through a small wrapper that scores the mask (`PeftPeer`), each
+  tuned as a fair comparison needs: a learning-rate sweep (``--peer_learning_rates``, default 1e-3 1e-2 1e-1 3e-1)
+  of which the rate with the best macro dev P@1 is kept, and prompt tuning started from the manual template's
+  words (PEFT's ``TEXT`` init; ``peft_prompt_tuning_vocab`` starts from sampled vocabulary vectors instead),
   an OptiPrompt-style single soft prompt (manual init, K = 1: the grid's ``manual_soft`` run), and the LPAQA-style
   weighted ensemble of the K mined hard prompts (only the mixture weights trained);
 - the majority baseline: each relation's train objects ranked by frequency.
 
 It prints micro and macro P@1 / P@10 / MRR of every method, the grid, a per-relation P@1 table next to the majority
-baseline, whether the targets on the probe LM are met, and, as its last line, one JSON object mapping every
-method's name to its macro test P@1. Everything is also written to ``<output_dir>/accuracy.json``.
+baseline, the peers' sweep, whether the targets on the probe LM are met, and, as its last line, one JSON object
+mapping every method's name to its macro test P@1. Everything is also written to ``<output_dir>/accuracy.json``.
 
 Run (defaults: the probe LM in ``examples/probe_lm`` and the sample shipped with the package)::
 
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick   # fewer epochs, no paraphrase row, no single deep runs
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --peers_only   # the majority baseline and the peers' sweep
+
+Objects of any length (issue #17) have their own benchmark, ``benchmarks/accuracy_multi_token.py``.
 
 The paper's experiment (BERT-base-cased, the full T-REx split; needs the Hub and a GPU)::
 
