@@ -17,6 +17,10 @@ builds each relation's adapter and writes, in ``--output_dir``: ``<relation>/ada
 What is trained: ``--freeze_prompts`` (weights only), ``--freeze_weights`` or ``--uniform_mixture`` (token vectors
 only), neither (both); ``--mixture_fit em`` fits the weights by EM. ``--preset paper`` is the paper's protocol
 (EM weights, Adam at 1e-3, up to 16 epochs, patience 4); flags given explicitly override it.
+
+``--multi_token`` trains on all facts, objects of any length (one mask per object token), and evaluates by ranking
+each relation's candidate objects (default: the distinct objects of its three files; ``--candidates FILE`` gives
+them, one per line, or a folder of ``<relation>.txt`` files), with scores split into single- and multi-token facts.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from peft import get_peft_model
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from peft_softmix import SoftMixtureConfig, TemplateError
+from peft_softmix.candidate_evaluation import load_candidates
 from peft_softmix.checkpoints import ResumeError, checkpoint_dir, resume_points
+from peft_softmix.errors import DataFormatError
 from peft_softmix.facts import SAMPLE_DIR
 from peft_softmix.output_dir import OutputDirError, lock_output_dir
 from peft_softmix.relations import (
@@ -45,7 +51,13 @@ from peft_softmix.relations import (
     load_relation_data,
     resolve_relations,
 )
-from peft_softmix.results import results_document, results_markdown, row_labels, write_results
+from peft_softmix.results import (
+    results_document,
+    results_markdown,
+    results_markdown_by_length,
+    row_labels,
+    write_results,
+)
 from peft_softmix.tokenization import require_mask_token
 from peft_softmix.trainer import TrainingDiverged, TrainingSetupError, check_mixed_precision
 from peft_softmix.training import train_relation, trained_label
@@ -78,6 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--common_vocab", nargs="?", const="", help=f"Rank among LAMA's common vocabulary; {vocab}.")
     data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N train facts.")
     data.add_argument("--max_eval_samples", type=int, default=None, help="Use only the first N dev and test facts.")
+    data.add_argument(
+        "--candidates",
+        help="With --multi_token: candidate objects to rank, one per line (for every relation), or a folder of "
+        "<relation>.txt files. Default: each relation's objects; a gold object not among them is ranked last.",
+    )
 
     method = parser.add_argument_group("the adapter")
     method.add_argument("--init", choices=("template", "random"), default="template", help="Start of the soft words.")
@@ -97,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # None: "not given", so that --preset can tell a default from an explicit flag
         default = getattr(defaults, f.name)
         help_text = f"{f.metadata['help']} Default: {default}."
+        if isinstance(default, bool):  # a switch: given, it is True
+            train.add_argument(f"--{f.name}", action="store_const", const=True, help=help_text)
+            continue
         train.add_argument(f"--{f.name}", type=type(default), choices=f.metadata.get("choices"), help=help_text)
     train.add_argument("--output_dir", default="out/train_trex", help="Where adapters, checkpoints, results go.")
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), help="Default: accelerate's config.")
@@ -142,6 +162,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             + (" (from --preset paper)" if given["mixture_fit"] is None else "")
             + " fits the mixture weights; it cannot be combined with frozen weights."
         )
+    if args.multi_token and args.common_vocab is not None:
+        parser.error("--common_vocab ranks single-token answers; with --multi_token give --candidates FILE instead.")
+    if args.candidates is not None and not args.multi_token:
+        parser.error("--candidates ranks objects of any length, which --multi_token does; add it.")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/softmix-bert; '-<relation>' is appended).")
     return args
@@ -185,6 +209,17 @@ def adapter_config(args: argparse.Namespace, templates: list[str], weights: list
     )
 
 
+def relation_candidates(path: str, relation: str, tokenizer) -> list[str]:
+    """The candidates of ``relation`` from --candidates: one file for every relation, or a folder's <relation>.txt."""
+    file = Path(path) / f"{relation}.txt" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise RelationDataError(f"--candidates {path}: no file {file}; give a file, or a folder of <relation>.txt.")
+    try:
+        return load_candidates(file, tokenizer)
+    except DataFormatError as err:
+        raise RelationDataError(f"{err} Fix --candidates.") from None
+
+
 def train_relations(args: argparse.Namespace, accelerator: Accelerator, output_dir: Path) -> tuple[list, str]:
     """Load the model and every relation's data (all checked before any training), then train each relation."""
     outcomes = []
@@ -197,6 +232,7 @@ def train_relations(args: argparse.Namespace, accelerator: Accelerator, output_d
         accelerator.print(note)
     datasets = []
     for relation in relations:
+        pool = relation_candidates(args.candidates, relation, tokenizer) if args.candidates else None
         data = load_relation_data(
             args.data_dir,
             relation,
@@ -208,6 +244,8 @@ def train_relations(args: argparse.Namespace, accelerator: Accelerator, output_d
             common_words=common_words,
             max_train_samples=args.max_train_samples,
             max_eval_samples=args.max_eval_samples,
+            multi_token=args.multi_token,
+            candidates=pool,
         )
         accelerator.print(data.notes)
         datasets.append(data)
@@ -281,11 +319,16 @@ def main(argv: list[str] | None = None) -> dict | None:
             settings = {k: v for k, v in vars(args).items() if k not in ("hub_token", "training", "preset_note")}
             results = results_document(outcomes, row_labels(args.templates, soft_label), settings)
             title = f"# Soft-prompt mixtures on {args.data_dir}\n\nModel: `{args.model_name_or_path}`"
+            if args.multi_token:
+                how = "log p per token" if args.length_normalized else "log p"
+                title += f"\n\nAll facts, objects of any length, ranked by {how} among each relation's candidates."
             written = write_results(output_dir, results, title)
             if output_dir / "mixture_weights.png" not in written:
                 print("matplotlib is not installed: mixture_weights.png skipped (pip install 'peft-softmix[plot]').")
             print("Wrote " + ", ".join(str(path) for path in written))
             print(results_markdown(results, "test"))
+            if args.multi_token:
+                print(results_markdown_by_length(results, "test"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

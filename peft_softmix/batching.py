@@ -109,15 +109,22 @@ class LengthGroupedSampler(Sampler[int]):
 
 class FactCollator:
     """Turns a list of fact positions into the model's batch: each template filled with each subject, padded only to
-    the longest query of the batch (dynamic padding), plus ``index`` (the positions, to gather results by)."""
+    the longest query of the batch (dynamic padding), plus ``index`` (the positions, to gather results by).
 
-    def __init__(self, model: Any, facts: Sequence[Fact]):
+    ``multi_token=True`` encodes objects of any length (one mask per object token, ``labels`` ``[B, L]``)."""
+
+    def __init__(self, model: Any, facts: Sequence[Fact], multi_token: bool = False):
         self.model = model  # a PeftModelForSoftMixture: its `encode` fills and pads the templates
         self.facts = list(facts)
+        self.multi_token = multi_token
 
     def __call__(self, indices: list[int]) -> dict[str, Any]:
         facts = [self.facts[i] for i in indices]
-        batch = self.model.encode([f.subject for f in facts], [f.object for f in facts])
+        subjects, objects = [f.subject for f in facts], [f.object for f in facts]
+        if self.multi_token:
+            batch = self.model.encode(subjects, objects, multi_token=True)
+        else:
+            batch = self.model.encode(subjects, objects)
         batch["index"] = torch.tensor(indices, dtype=torch.long)
         return batch
 

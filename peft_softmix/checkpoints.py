@@ -251,15 +251,21 @@ def resume_points(
 
 
 def compare_settings(
-    checkpoint: str | Path, saved: Mapping[str, Any], now: Mapping[str, Any], adjustable: tuple[str, ...]
+    checkpoint: str | Path,
+    saved: Mapping[str, Any],
+    now: Mapping[str, Any],
+    adjustable: tuple[str, ...],
+    unrecorded: Mapping[str, Any] | None = None,
 ) -> dict[str, tuple[Any, Any]]:
     """Check that a checkpoint's settings match this run's; return the ``adjustable`` ones that changed.
 
     Settings are named as the flags (fields) that set them. A resumed run may change an adjustable setting (a lower
     learning rate after the loss diverged: the result then differs from an uninterrupted run); any other difference
-    is a `ResumeError` naming each setting with its two values.
+    is a `ResumeError` naming each setting with its two values. ``unrecorded`` gives the value of a setting that
+    checkpoints of earlier versions did not record (the behaviour they had).
     """
     now = as_json(dict(now))
+    saved = {**as_json(dict(unrecorded or {})), **saved}
     differ = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     fixed = {k: d for k, d in differ.items() if k not in adjustable}
     if fixed:
@@ -278,11 +284,12 @@ def load_checkpoint(
     fingerprint: Mapping[str, Any],
     settings: Mapping[str, Any],
     adjustable: tuple[str, ...],
+    unrecorded: Mapping[str, Any] | None = None,
 ) -> dict[str, tuple[Any, Any]]:
     """Resume from ``checkpoint`` into ``state`` and Accelerate's prepared objects; returns the ``adjustable``
     settings that changed. The fingerprint is compared first, so a run that differs (another relation, other flags
     that shape parameters, other templates or facts) never reaches the optimizer's state, and each difference is
-    named."""
+    named. ``unrecorded``: settings that checkpoints of earlier versions did not record, and the value they had."""
     checkpoint = Path(checkpoint)
     verify_checkpoint(checkpoint, accelerator.num_processes)
     saved = json.loads((checkpoint / FINGERPRINT_FILE).read_text(encoding="utf-8"))
@@ -293,6 +300,8 @@ def load_checkpoint(
     differences = []
     for group, flag in (("settings", "--"), ("data", "")):
         old_values, new_values = saved.get(group, {}), as_json(fingerprint[group])
+        if group == "settings":
+            old_values = {**as_json(dict(unrecorded or {})), **old_values}
         for name, new in new_values.items():
             if old_values.get(name) != new:
                 differences.append(f"{flag}{name}: checkpoint {old_values.get(name)!r}, now {new!r}")
@@ -304,4 +313,4 @@ def load_checkpoint(
     _drop_model_weights(accelerator)
     accelerator.load_state(str(checkpoint))
     state.load(checkpoint)
-    return compare_settings(checkpoint, state.settings, settings, adjustable)
+    return compare_settings(checkpoint, state.settings, settings, adjustable, unrecorded)

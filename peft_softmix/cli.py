@@ -2,6 +2,7 @@
 
     peft-softmix ask ADAPTER "Dante Alighieri" [--top_k 5] [--base MODEL] [--json]
     peft-softmix evaluate ADAPTER --facts test.jsonl [--common_vocab FILE] [--json]
+    peft-softmix evaluate ADAPTER --facts test.jsonl --multi_token [--candidates FILE] [--json]
     peft-softmix inspect ADAPTER [--top_n 5] [--json]
 
 A thin layer over the library: `PeftModel.from_pretrained` (whose loader treats the adapter as untrusted input, see
@@ -195,6 +196,20 @@ def evaluate(
         typer.Option("--common_vocab", "--common-vocab", help="Rank among these words only (LAMA's common vocab)."),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch_size", "--batch-size", min=1, help="Facts per batch.")] = 64,
+    multi_token: Annotated[
+        bool,
+        typer.Option(
+            "--multi_token", "--multi-token", help="Objects of any length: rank candidate objects (all facts)."
+        ),
+    ] = False,
+    candidates: Annotated[
+        str | None,
+        typer.Option(help="With --multi_token: the candidate objects, one per line (default: the file's objects)."),
+    ] = None,
+    length_normalized: Annotated[
+        bool,
+        typer.Option("--length_normalized", "--length-normalized", help="Rank candidates by log p per token."),
+    ] = False,
     base: BaseOpt = None,
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
@@ -204,18 +219,42 @@ def evaluate(
     with _reported():
         from .facts import load_facts
 
+        if not multi_token and (candidates is not None or length_normalized):
+            raise CliError("--candidates and --length_normalized rank objects of any length: add --multi_token.")
+        if multi_token and common_vocab is not None:
+            raise CliError("--common_vocab ranks single tokens; with --multi_token give --candidates FILE.")
         split = load_facts(facts)  # read first: a bad line is reported before any model is loaded
         model = _load(adapter, base, tokenizer, device)
-        result = evaluate_facts(model, split, common_vocab, batch_size)
+        if multi_token:
+            from .candidate_evaluation import evaluate_facts_among_candidates
+
+            result = evaluate_facts_among_candidates(
+                model, split, candidates, batch_size, length_normalized, progress=True
+            )
+        else:
+            result = evaluate_facts(model, split, common_vocab, batch_size)
         result = {"adapter": adapter, "facts_file": facts, **result}
     if as_json:
         _print_json(result)
         return
     table = Table(title=f"{adapter} on {facts}", title_justify="left")
+    if multi_token:
+        table.add_column("facts whose object is")
     for name in ("P@1", "P@10", "MRR", "facts"):
         table.add_column(name, justify="right")
-    table.add_row(f"{result['p@1']:.4f}", f"{result['p@10']:.4f}", f"{result['mrr']:.4f}", str(result["facts"]))
+    groups = {"all": "any length", "single_token": "one token", "multi_token": "several tokens"}
+    for key, label in groups.items() if multi_token else [("all", "")]:
+        s = result if key == "all" else result[key]
+        cells = [f"{s['p@1']:.4f}", f"{s['p@10']:.4f}", f"{s['mrr']:.4f}", str(s["facts"])] if s else ["–"] * 3 + ["0"]
+        table.add_row(*([label] if multi_token else []), *cells)
     out.print(table)
+    if multi_token:
+        how = "log p per token" if length_normalized else "log p"
+        missing = result["gold_not_a_candidate"]
+        out.print(
+            f"ranked by {how} among {result['candidates']} candidates"
+            + (f"; {missing} gold object(s) not among them, ranked last" if missing else "")
+        )
     left_out = {why: n for why, n in result["left_out"].items() if n}
     if left_out:
         out.print("left out: " + ", ".join(f"{n} ({why.replace('_', ' ')})" for why, n in left_out.items()))

@@ -11,7 +11,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .processing import IGNORE_INDEX
 
-__all__ = ["em_mixture_logits", "em_posteriors", "set_mixture_logits"]
+__all__ = ["em_mixture_logits", "em_object_posteriors", "em_posteriors", "set_mixture_logits"]
 
 
 def em_posteriors(template_log_probs: torch.Tensor, log_weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -27,6 +27,23 @@ def em_posteriors(template_log_probs: torch.Tensor, log_weights: torch.Tensor, l
     per_fact = template_log_probs.view(B, -1, template_log_probs.shape[-1])
     K = per_fact.shape[1]
     gold = per_fact.gather(2, gold_ids.view(B, 1, 1).expand(B, K, 1)).squeeze(2)
+    return _posteriors(gold, log_weights, keep)
+
+
+def em_object_posteriors(
+    template_object_log_probs: torch.Tensor, log_weights: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """E-step for objects of any length: ``[B, K]`` p(k | x, y) ∝ pi_k p_k(y | x) from the forward's
+    ``template_object_log_probs`` ``[B * K]`` (each row's log p_k(y|x) of its fact's whole object) and ``labels``
+    ``[B, L]``; a fact whose labels are all -100 gets zeros, as in `em_posteriors`."""
+    keep = (labels != IGNORE_INDEX).any(dim=1)
+    B = labels.shape[0]
+    return _posteriors(template_object_log_probs.view(B, -1), log_weights, keep)
+
+
+def _posteriors(gold: torch.Tensor, log_weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` softmax over k of log p_k(y|x) + log pi_k, zero for the facts not kept."""
+    B, K = gold.shape
     weights = log_weights.float().view(-1, K)[:1] if log_weights.numel() in (K, B * K) else None
     if weights is None:
         raise ValueError(f"log_weights has {log_weights.numel()} values; expected {K} or {B * K}.")
@@ -39,7 +56,7 @@ def em_mixture_logits(posterior_sum: torch.Tensor, floor: float = 1e-8) -> torch
     """M-step: the new mixture logits, log of the normalised posterior sums (floored so no template dies forever)."""
     total = posterior_sum.sum()
     if not torch.isfinite(total) or total <= 0:
-        raise ValueError("EM M-step got no posterior mass (no fact with a single-token object in the epoch).")
+        raise ValueError("EM M-step got no posterior mass (no fact with a usable object label in the epoch).")
     weights = (posterior_sum / total).clamp(min=floor)
     return torch.log(weights / weights.sum())
 

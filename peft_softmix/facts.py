@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,6 +54,7 @@ class LoadReport:
         duplicates_kept: Whether those repeats are among the facts returned (the default) or left out.
         empty: Lines whose subject or object is empty or only whitespace, left out.
         blank: Blank lines, skipped.
+        empty_lines: The line numbers of the ``empty`` ones (1-based), to name in a message.
     """
 
     path: Path
@@ -63,10 +64,17 @@ class LoadReport:
     duplicates_kept: bool = True
     empty: int = 0
     blank: int = 0
+    empty_lines: list[int] = field(default_factory=list)
 
     @property
     def dropped(self) -> int:
         return self.lines - self.kept
+
+    def empty_where(self) -> str:
+        """Where the lines with an empty subject or object are: ``train.jsonl line 7, 9``."""
+        shown = ", ".join(str(n) for n in self.empty_lines[:5])
+        more = f" and {len(self.empty_lines) - 5} more" if len(self.empty_lines) > 5 else ""
+        return f"{self.path.name} line{'s' if len(self.empty_lines) != 1 else ''} {shown}{more}"
 
     def summary(self) -> str:
         text = f"{self.path}: {self.kept} facts from {self.lines} lines"
@@ -75,7 +83,7 @@ class LoadReport:
             fate = "kept" if self.duplicates_kept else "left out"
             notes.append(f"{self.duplicates} duplicate{'s' if self.duplicates != 1 else ''} {fate}")
         if self.empty:
-            notes.append(f"{self.empty} with an empty subject or object left out")
+            notes.append(f"{self.empty} with an empty subject or object left out ({self.empty_where()})")
         if self.blank:
             notes.append(f"{self.blank} blank line{'s' if self.blank != 1 else ''} skipped")
         return text + (f" ({'; '.join(notes)})" if notes else "")
@@ -195,6 +203,7 @@ def load_facts(path: str | Path, relation: str | None = None, keep_duplicates: b
         fact = _parse_line(path, lineno, line, relation)
         if not fact.subject.strip() or not fact.object.strip():
             report.empty += 1
+            report.empty_lines.append(lineno)
             continue
         key = (fact.subject, fact.object)
         if key in seen:

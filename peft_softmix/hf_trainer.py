@@ -116,9 +116,14 @@ class SoftMixtureDataCollator:
         model: The `PeftModelForSoftMixture` whose active adapter's `encode` makes the batch.
         subject_column: The subject key in dict rows.
         object_column: The object key in dict rows.
+        multi_token: Encode objects of any length (one mask per object token, ``labels`` ``[B, L]``): training then
+            maximises log sum_k pi_k p_k(y|x) over all facts. Rank candidates with
+            `peft_softmix.candidate_evaluation` (`FactRetrievalMetrics` scores single-token batches).
     """
 
-    def __init__(self, model: Any, subject_column: str = "subject", object_column: str = "object") -> None:
+    def __init__(
+        self, model: Any, subject_column: str = "subject", object_column: str = "object", multi_token: bool = False
+    ) -> None:
         if not callable(getattr(model, "encode", None)):
             raise TypeError(
                 f"SoftMixtureDataCollator needs a PeftModelForSoftMixture (with an encode method), got "
@@ -127,6 +132,7 @@ class SoftMixtureDataCollator:
         self.model = model
         self.subject_column = subject_column
         self.object_column = object_column
+        self.multi_token = multi_token
 
     def __call__(self, rows: Sequence[Any]) -> dict[str, torch.Tensor]:
         subjects: list[str] = []
@@ -148,6 +154,13 @@ class SoftMixtureDataCollator:
             else:
                 raise TypeError(f"Cannot collate a row of type {type(row).__name__}: give Fact objects or dicts.")
         has_objects = any(obj is not None for obj in objects)
+        if self.multi_token:
+            if not has_objects:
+                raise ValueError(
+                    "multi_token=True gives each fact one mask per token of its object, so rows need objects; "
+                    "rank candidate objects of subjects alone with peft_model.score_candidates."
+                )
+            return self.model.encode(subjects, objects, multi_token=True)
         return self.model.encode(subjects, objects if has_objects else None)
 
 
@@ -177,6 +190,11 @@ class FactRetrievalMetrics:
         """
         log_probs = logits[0] if isinstance(logits, (tuple, list)) else logits
         labels = torch.as_tensor(labels, device=log_probs.device)
+        if labels.dim() == 2:
+            raise ValueError(
+                "These are multi_token batches (labels [facts, masks]); FactRetrievalMetrics ranks single tokens. "
+                "Rank candidate objects with peft_softmix.candidate_evaluation.evaluate_candidate_ranks instead."
+            )
         if log_probs.dim() != 2 or labels.dim() != 1 or log_probs.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"Expected the model's log_probs [batch, vocab] and labels [batch], got {tuple(log_probs.shape)} and "

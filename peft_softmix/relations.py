@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .candidate_evaluation import default_candidates
 from .errors import RelationDataError
 from .facts import (
     SAMPLE_DIR,
@@ -25,6 +26,7 @@ from .facts import (
     load_common_vocab,
     load_relation,
 )
+from .objects import object_tokens
 from .template_sets import TemplateSetError, load_templates
 
 __all__ = [
@@ -47,6 +49,7 @@ class RelationData:
         templates: the K templates of the mixture.
         template_weights: the template source's own weights (LPAQA's), when asked for; else None (uniform).
         notes: what was kept and dropped, for the log.
+        candidates: in the multi-token setting, the objects dev and test facts are ranked among; else None.
     """
 
     relation: str
@@ -54,6 +57,7 @@ class RelationData:
     templates: list[str]
     template_weights: list[float] | None
     notes: str
+    candidates: list[str] | None = None
 
 
 def resolve_relations(data_dir: str | Path, relations: str = "all") -> list[str]:
@@ -92,6 +96,8 @@ def load_relation_data(
     common_words: set[str] | None = None,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    multi_token: bool = False,
+    candidates: list[str] | None = None,
 ) -> RelationData:
     """Read ``relation``'s splits from ``data_dir`` and its first ``num_templates`` templates of ``templates``.
 
@@ -99,17 +105,37 @@ def load_relation_data(
     subject the tokenizer reads as unknown tokens only are dropped and counted; ``max_train_samples`` /
     ``max_eval_samples`` keep the first N train / dev and test facts.
     ``source_weights`` takes the template source's own weights as the mixture's start (LPAQA's ``weight``).
+
+    ``multi_token`` keeps objects of any length (only those with a piece the tokenizer cannot write are dropped) and
+    sets ``candidates``: the given list (a user's file, `peft_softmix.candidate_evaluation.load_candidates`), or by
+    default every distinct object of the relation's three files that the tokenizer can write.
     """
+    if multi_token and common_words is not None:
+        raise RelationDataError(
+            "--common_vocab ranks single-token answers; with --multi_token give --candidates (a file of objects)."
+        )
     try:
         splits = load_relation(data_dir, relation)
     except (FileNotFoundError, DataFormatError) as err:
         raise RelationDataError(str(err)) from None
     kept: dict[str, list[Fact]] = {}
     notes = []
+    pool: list[str] | None = None
+    if multi_token:
+        every = [fact for fact_split in splits.values() for fact in fact_split.facts]
+        pool = list(candidates) if candidates is not None else default_candidates(tokenizer, every)
     name = getattr(tokenizer, "name_or_path", "the model")
     for split, fact_split in splits.items():
-        facts, dropped = filter_single_token(fact_split.facts, tokenizer)
-        why = [f"{len(dropped)} objects not one token"] if dropped else []
+        if multi_token:
+            facts = [fact for fact in fact_split.facts if object_tokens(tokenizer, fact.object)]
+            dropped = [fact for fact in fact_split.facts if not object_tokens(tokenizer, fact.object)]
+            why = [f"{len(dropped)} objects the tokenizer cannot write"] if dropped else []
+        else:
+            facts, dropped = filter_single_token(fact_split.facts, tokenizer)
+            why = [f"{len(dropped)} objects not one token"] if dropped else []
+        report = fact_split.report
+        if report.empty:
+            why.append(f"{report.empty} empty subjects or objects, {report.empty_where()}")
         # a subject the tokenizer reads as [UNK] only would get the same answers as every other such subject
         facts, unreadable = filter_unknown_subjects(facts, tokenizer)
         if unreadable:
@@ -124,13 +150,17 @@ def load_relation_data(
         if limit is not None and len(facts) > limit:
             why.append(f"{len(facts) - limit} beyond {flag} {limit}")
             facts = facts[:limit]
+        if pool is not None and candidates is not None and split != "train":
+            missing = sum(fact.object.strip() not in {c.strip() for c in pool} for fact in facts)
+            if missing:
+                why.append(f"{missing} gold objects not among the candidates, ranked last")
         # the count kept after every filter, then what each filter took
         note = f"{split} {len(facts)}/{len(fact_split.facts)}" + "".join(f" ({reason})" for reason in why)
         if not facts:
             raise RelationDataError(
                 f"Relation {relation}: the {split} split is empty after filtering ({len(fact_split.facts)} facts "
-                f"read from {fact_split.report.path}, {len(dropped)} with objects that are not one token of "
-                f"{name}'s tokenizer"
+                f"read from {fact_split.report.path}, {len(dropped)} with objects that "
+                + (f"{name}'s tokenizer cannot write" if multi_token else f"are not one token of {name}'s tokenizer")
                 + (", the rest outside the common vocabulary" if common_words is not None else "")
                 + "). Use a model whose vocabulary covers the objects, drop --common_vocab, or leave this relation "
                 "out of --relations."
@@ -147,33 +177,54 @@ def load_relation_data(
             f"--template_weights source: the {templates!r} templates of {relation} carry no 'weight'; use "
             "--template_weights uniform."
         )
-    return RelationData(
-        relation, kept, list(chosen.templates), weights, f"{chosen.summary()}; facts kept: " + ", ".join(notes)
-    )
+    summary = f"{chosen.summary()}; facts kept: " + ", ".join(notes)
+    if pool is not None:
+        where = "given" if candidates is not None else "the distinct objects of its train, dev and test files"
+        summary += f"; {len(pool)} candidate objects ({where})"
+        return RelationData(relation, kept, list(chosen.templates), weights, summary, pool)
+    return RelationData(relation, kept, list(chosen.templates), weights, summary)
 
 
 def drop_long_queries(model: Any, data: RelationData) -> tuple[RelationData, str | None]:
     """Leave out the facts with a filled template longer than ``model`` takes (it could not score them).
 
-    Returns the data and a note of how many facts each split lost (None when none did).
+    In the multi-token setting (``data.candidates`` set) ``[Y]`` holds one mask per token of the object: of the gold
+    object for a train fact, and of the gold or the longest candidate, whichever is longer, for a dev or test fact
+    (every candidate is scored for it). Returns the data and a note of how many facts each split lost (None when
+    none did).
     """
     limit = model.max_query_length
     if limit is None:
         return data, None
     splits, dropped = {}, []
+    tokenizer = model.tokenizer
+    longest = max((len(object_tokens(tokenizer, c)) for c in data.candidates or ()), default=1)
     for split, facts in data.splits.items():
         lengths = model.query_lengths([fact.subject for fact in facts])
+        if data.candidates is not None:
+            masks = [len(object_tokens(tokenizer, fact.object)) for fact in facts]
+            masks = masks if split == "train" else [max(n, longest) for n in masks]
+            lengths = [length + n - 1 for length, n in zip(lengths, masks)]
         splits[split] = [fact for fact, length in zip(facts, lengths) if length <= limit]
         if len(splits[split]) < len(facts):
             dropped.append(f"{split} {len(facts) - len(splits[split])}")
         if not splits[split]:
             raise RelationDataError(
-                f"Relation {data.relation}: every {split} fact has a query longer than the model's {limit} tokens. "
-                "Use a model with more positions or shorter templates."
+                f"Relation {data.relation}: every {split} fact has a query longer than the model's {limit} tokens"
+                + (
+                    f" with one mask per token of its object or of the longest candidate ({longest} tokens). Give "
+                    "--candidates without objects that long, or use"
+                    if data.candidates is not None
+                    else ". Use"
+                )
+                + " a model with more positions or shorter templates."
             )
     if not dropped:
         return data, None
-    note = f"{data.relation}: facts left out, query longer than the model's {limit} tokens: {', '.join(dropped)}"
+    per_token = " with one mask per object token" if data.candidates is not None else ""
+    note = f"{data.relation}: facts left out, query{per_token} longer than the model's {limit} tokens: " + ", ".join(
+        dropped
+    )
     return replace(data, splits=splits, notes=f"{data.notes}; {note}"), note
 
 

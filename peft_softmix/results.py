@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_file, write_json_atomic, write_text_atomic
+from .candidate_evaluation import LENGTH_GROUPS
 from .evaluation import scores_from_metric
 from .metrics import METRIC_KEYS, load_fact_retrieval
 from .trainer import TrainResult
@@ -29,6 +30,7 @@ __all__ = [
     "plot_mixture_weights",
     "results_document",
     "results_markdown",
+    "results_markdown_by_length",
     "row_labels",
     "write_results",
 ]
@@ -66,6 +68,9 @@ class RelationOutcome:
         test: ranks on test per row.
         hard_templates_test: ``[N, K]`` test ranks of each hard template on its own.
         adapter_dir: where the adapter was saved, if it was.
+        candidates: in the multi-token setting (ranks among candidate objects): ``count`` (candidates),
+            ``gold_not_a_candidate`` (per split: facts ranked last) and ``length_groups`` (per split: each fact's
+            ``"single_token"`` or ``"multi_token"``, by its gold object); None otherwise.
     """
 
     relation: str
@@ -77,6 +82,7 @@ class RelationOutcome:
     test: SplitRanks
     hard_templates_test: torch.Tensor
     adapter_dir: str | None = None
+    candidates: dict[str, Any] | None = None
 
 
 def row_labels(templates: str, soft_label: str) -> dict[str, str]:
@@ -89,10 +95,16 @@ def results_document(
     outcomes: Sequence[RelationOutcome], rows: Mapping[str, str], settings: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The ``results.json`` structure: ``settings``, ``rows`` (``{key: label}``), ``relations[rel]`` (facts, history,
-    weights, and ``dev``/``test`` scores per row) and ``overall[split][row]`` (micro and macro averages)."""
+    weights, and ``dev``/``test`` scores per row) and ``overall[split][row]`` (micro and macro averages).
+
+    In the multi-token setting, ``relations[rel]`` also has ``candidates`` (how many, and per split the facts whose
+    gold object is none of them) and ``by_length[split][group][row]``, and the document ``by_length[split][group]
+    [row]`` (micro and macro averages): the scores of the facts whose gold object is one token (``single_token``)
+    and several (``multi_token``)."""
     metric = load_fact_retrieval(keep_in_memory=True)
     relations: dict[str, Any] = {}
     pooled: dict[str, dict[str, tuple[list[int], list[str]]]] = {"dev": {}, "test": {}}
+    by_length: dict[str, dict[str, dict[str, tuple[list[int], list[str]]]]] = {}
     for outcome in outcomes:
         rel = outcome.relation
         entry: dict[str, Any] = {
@@ -113,6 +125,9 @@ def results_document(
                 ranks_list, rel_list = pooled[split].setdefault(row, ([], []))
                 ranks_list.extend(r)
                 rel_list.extend([rel] * len(r))
+        if outcome.candidates is not None:
+            entry["candidates"] = {k: v for k, v in outcome.candidates.items() if k != "length_groups"}
+            entry["by_length"] = _by_length(metric, outcome, rows, by_length)
         hard = outcome.hard_templates_test
         entry["test_hard_template_p@1"] = [float((hard[:, k] == 1).float().mean()) for k in range(hard.shape[1])]
         relations[rel] = entry
@@ -123,7 +138,67 @@ def results_document(
             scores = metric.compute(ranks=r, relations=rels)
             scores.pop("per_relation")
             overall[split][row] = scores
-    return {"settings": dict(settings), "rows": dict(rows), "relations": relations, "overall": overall}
+    document = {"settings": dict(settings), "rows": dict(rows), "relations": relations, "overall": overall}
+    if by_length:
+        document["by_length"] = {
+            split: {group: _micro_macro(metric, rows_of) for group, rows_of in groups.items()}
+            for split, groups in by_length.items()
+        }
+    return document
+
+
+def _by_length(
+    metric: Any,
+    outcome: RelationOutcome,
+    rows: Mapping[str, str],
+    pooled: dict[str, dict[str, dict[str, tuple[list[int], list[str]]]]],
+) -> dict[str, Any]:
+    """One relation's ``by_length[split][group][row]`` scores (None for a group without facts), pooling its ranks
+    into ``pooled[split][group][row]`` for the averages."""
+    assert outcome.candidates is not None
+    out: dict[str, Any] = {}
+    for split, ranks in (("dev", outcome.dev), ("test", outcome.test)):
+        groups = outcome.candidates["length_groups"][split]
+        out[split] = {}
+        for group in LENGTH_GROUPS:
+            out[split][group] = {}
+            for row in rows:
+                mine = [int(r) for r, g in zip(getattr(ranks, row).tolist(), groups) if g == group]
+                out[split][group][row] = scores_from_metric(metric, mine, outcome.relation) if mine else None
+                if mine:
+                    ranks_list, rel_list = pooled.setdefault(split, {}).setdefault(group, {}).setdefault(row, ([], []))
+                    ranks_list.extend(mine)
+                    rel_list.extend([outcome.relation] * len(mine))
+    return out
+
+
+def _micro_macro(metric: Any, rows_of: Mapping[str, tuple[list[int], list[str]]]) -> dict[str, Any]:
+    out = {}
+    for row, (ranks, rels) in rows_of.items():
+        scores = metric.compute(ranks=ranks, relations=rels)
+        scores.pop("per_relation")
+        out[row] = scores
+    return out
+
+
+def results_markdown_by_length(results: Mapping[str, Any], split: str = "test") -> str:
+    """The tables of `results_markdown` for the facts whose gold object is one token and those whose gold object is
+    several (multi-token setting); empty when ``results`` has no ``by_length`` scores."""
+    if "by_length" not in results:
+        return ""
+    titles = {"single_token": "one token", "multi_token": "several tokens"}
+    parts = []
+    for group in LENGTH_GROUPS:
+        view = {
+            "rows": results["rows"],
+            "relations": {
+                rel: {split: {row: s for row, s in entry["by_length"][split][group].items() if s}}
+                for rel, entry in results["relations"].items()
+            },
+            "overall": {split: results["by_length"].get(split, {}).get(group, {})},
+        }
+        parts.append(f"Facts whose gold object is {titles[group]} ({group}).\n\n" + results_markdown(view, split))
+    return "\n".join(parts)
 
 
 def _cell(scores: Mapping[str, float] | None) -> str:
@@ -206,6 +281,8 @@ def write_results(output_dir: str | os.PathLike, results: Mapping[str, Any], tit
     out = Path(output_dir)
     write_json_atomic(out / "results.json", results)
     text = f"{title}\n\n" + results_markdown(results, "test") + "\n" + results_markdown(results, "dev")
+    if "by_length" in results:
+        text += "\n" + results_markdown_by_length(results, "test") + "\n" + results_markdown_by_length(results, "dev")
     write_text_atomic(out / "results.md", text)
     written = [out / "results.json", out / "results.md"]
     weights = {rel: entry["mixture_weights"] for rel, entry in results["relations"].items()}

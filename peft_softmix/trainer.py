@@ -22,8 +22,9 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from .batching import Collator, FactCollator, eval_dataloader, model_inputs, subject_lengths, train_dataloader
+from .candidate_evaluation import CandidateCollator, default_candidates, evaluate_candidate_ranks
 from .checkpoints import TrainingState, as_json, load_checkpoint, save_checkpoint, start_run
-from .em import em_mixture_logits, em_posteriors, set_mixture_logits
+from .em import em_mixture_logits, em_object_posteriors, em_posteriors, set_mixture_logits
 from .errors import TrainingDiverged, TrainingSetupError
 from .evaluation import EvalRanks, evaluate_ranks, precision_at_1
 from .facts import Fact
@@ -124,6 +125,8 @@ class RelationTrainer:
         collator: builds a batch collator from a list of facts; defaults to `FactCollator` (``model.encode``).
         candidate_mask: ``[V]`` bool, the tokens evaluation ranks among (None: the whole vocabulary).
         progress: show progress bars (default: on the local main process).
+        candidates: with ``args.multi_token``, the candidate objects dev and test facts are ranked among (default:
+            every distinct object of ``splits`` that the tokenizer can write, `default_candidates`).
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class RelationTrainer:
         collator: Callable[[Sequence[Fact]], Collator] | None = None,
         candidate_mask: torch.Tensor | None = None,
         progress: bool | None = None,
+        candidates: Sequence[str] | None = None,
     ) -> None:
         check_mixed_precision(accelerator)
         self.model, self.args, self.accelerator, self.name = model, args, accelerator, name
@@ -144,16 +148,26 @@ class RelationTrainer:
         self.progress = accelerator.is_local_main_process if progress is None else progress
         accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
         self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        self.make_collator = collator or (lambda facts: FactCollator(model, facts))
+        multi = args.multi_token
+        self.make_collator = collator or (lambda facts: FactCollator(model, facts, multi_token=multi))
         self.splits = {split: list(facts) for split, facts in splits.items()}
+        self.candidates: list[str] | None = None
+        if multi:
+            if candidate_mask is not None:
+                raise TrainingSetupError("candidate_mask ranks single tokens; with multi_token give candidates.")
+            facts_of_all = [fact for facts in self.splits.values() for fact in facts]
+            self.candidates = list(candidates or default_candidates(self.tokenizer, facts_of_all))
+            if not self.candidates:
+                raise TrainingSetupError(f"{name}: no candidate object to rank (none the tokenizer can write).")
         # pinned batches (on a GPU) are copied to the device without waiting for it
         self.pin_memory = accelerator.device.type == "cuda"
         self.eval_loaders = {}
         for split in ("dev", "test"):
             facts = self.splits[split]
+            # with multi_token, dev and test rank each fact's gold among the candidates
             loader, order = eval_dataloader(
                 facts,
-                self.make_collator,
+                self.make_collator if not multi else lambda ordered: CandidateCollator(ordered, self.candidates or []),
                 subject_lengths(self.tokenizer, facts),
                 args.per_device_eval_batch_size,
                 self.pin_memory,
@@ -163,16 +177,15 @@ class RelationTrainer:
     def evaluate(self, split: str, per_template: bool = False, description: str | None = None) -> EvalRanks:
         """Ranks of the gold objects of ``split`` (``dev`` or ``test``) under the model as it is now, in fact order."""
         loader, order = self.eval_loaders[split]
-        result = evaluate_ranks(
-            self.model,
-            loader,
-            num_facts=len(order),
-            candidate_mask=self.candidate_mask,
-            accelerator=self.accelerator,
-            per_template=per_template,
-            progress=self.progress,
-            description=description or f"{self.name} {split}",
-        )
+        shared = {"accelerator": self.accelerator, "per_template": per_template, "progress": self.progress}
+        shared["description"] = description or f"{self.name} {split}"
+        if self.candidates is not None:
+            length_normalized = self.args.length_normalized
+            result = evaluate_candidate_ranks(
+                self.model, loader, len(order), self.candidates, length_normalized=length_normalized, **shared
+            )
+        else:
+            result = evaluate_ranks(self.model, loader, len(order), candidate_mask=self.candidate_mask, **shared)
         index = torch.tensor(order, dtype=torch.long)
         mixture = torch.empty_like(result.mixture)
         mixture[index] = result.mixture
@@ -291,6 +304,9 @@ class RelationTrainer:
             for fact in facts:
                 digest.update(f"{fact.subject}\x1f{fact.object}\n".encode())
             data[f"facts:{split}"] = f"{len(facts)} facts, sha256 {digest.hexdigest()[:16]}"
+        if self.candidates is not None:  # they pick the best epoch on dev
+            digest = hashlib.sha256("\n".join(self.candidates).encode())
+            data["candidates"] = f"{len(self.candidates)} candidates, sha256 {digest.hexdigest()[:16]}"
         return as_json({"relation": self.name, "settings": fixed, "data": data})
 
     def _resume(
@@ -299,7 +315,9 @@ class RelationTrainer:
         accelerator, args = self.accelerator, self.args
         accelerator.print(f"{self.name}: resuming from {checkpoint}")
         adjustable = TrainingArguments.ADJUSTABLE
-        changed = load_checkpoint(accelerator, checkpoint, state, fingerprint, settings, adjustable)
+        changed = load_checkpoint(
+            accelerator, checkpoint, state, fingerprint, settings, adjustable, TrainingArguments.RECORDED_SINCE
+        )
         if changed:
             listed = "; ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
             accelerator.print(
@@ -315,6 +333,8 @@ class RelationTrainer:
     def _train_epoch(self, train_model: Any, loader: Any, optimizer: Any, epoch: int, last_checkpoint: Path | None):
         accelerator, args = self.accelerator, self.args
         em = args.mixture_fit == "em"
+        # objects of any length: the E-step needs each row's log p_k(y|x) only, which the forward always returns
+        row_distributions = em and not args.multi_token
         train_model.train()
         loader.set_epoch(epoch)
         total_loss = torch.zeros((), device=accelerator.device)
@@ -324,7 +344,9 @@ class RelationTrainer:
         with torch.set_grad_enabled(optimizer is not None):
             for step, batch in enumerate(bar, start=1):
                 with accelerator.accumulate(train_model):
-                    out = train_model(**model_inputs(batch), return_log_probs=False, return_template_log_probs=em)
+                    out = train_model(
+                        **model_inputs(batch), return_log_probs=False, return_template_log_probs=row_distributions
+                    )
                     loss = out.loss
                     nonfinite = (~torch.isfinite(loss.detach())).float()
                     if accelerator.num_processes > 1:
@@ -337,9 +359,12 @@ class RelationTrainer:
                     if self.progress:
                         bar.set_postfix(loss=f"{loss.item():.3f}")  # ready: the check above waited for it
                     if em:
-                        posteriors = em_posteriors(
-                            out.template_log_probs.detach(), out.log_weights.detach(), batch["labels"]
-                        ).sum(0)
+                        e_step, rows = (
+                            (em_posteriors, out.template_log_probs)
+                            if row_distributions
+                            else (em_object_posteriors, out.template_object_log_probs)
+                        )
+                        posteriors = e_step(rows.detach(), out.log_weights.detach(), batch["labels"]).sum(0)
                         posterior_sum = posteriors if posterior_sum is None else posterior_sum + posteriors
                     if optimizer is not None:
                         accelerator.backward(loss)

@@ -22,6 +22,7 @@ import torch
 
 from .atomic import write_json_atomic, write_text_atomic
 from .batching import FactCollator, FactDataset, LengthGroupedSampler, model_inputs, subject_lengths
+from .candidate_evaluation import length_group
 from .config import SoftMixtureConfig, SoftMixtureInit
 from .em import em_mixture_logits, em_posteriors
 from .evaluation import EvalRanks, evaluate_ranks, precision_at_1, scores_from_metric
@@ -71,6 +72,7 @@ def train_relation(
         args: the `TrainingArguments`.
         accelerator: an ``accelerate.Accelerator``.
         candidate_mask: ``[V]`` bool, the tokens answers are ranked among (LAMA's common vocabulary).
+            With ``args.multi_token``, answers are ranked among ``data.candidates`` instead (objects of any length).
         checkpoint_dir: where ``epoch_N`` checkpoints go (None: none).
         resume_from: a checkpoint of this relation to continue from.
         settings: the caller's settings that define the run, recorded in checkpoints and compared on resume.
@@ -84,6 +86,7 @@ def train_relation(
         name=data.relation,
         candidate_mask=candidate_mask,
         progress=progress,
+        candidates=data.candidates,
     )
     # baselines: the frozen model with the hard templates, alone and as a uniform mixture
     hard = {}
@@ -99,6 +102,18 @@ def train_relation(
 
     test_templates = hard["test"].templates
     assert test_templates is not None
+    candidates = None
+    if trainer.candidates is not None:  # the multi-token setting: scores also by the gold object's length
+        pool = {candidate.strip() for candidate in trainer.candidates}
+        candidates = {
+            "count": len(pool),
+            "gold_not_a_candidate": {
+                s: sum(f.object.strip() not in pool for f in data.splits[s]) for s in ("dev", "test")
+            },
+            "length_groups": {
+                s: [length_group(model.tokenizer, f.object) for f in data.splits[s]] for s in ("dev", "test")
+            },
+        }
     return RelationOutcome(
         relation=data.relation,
         templates=list(data.templates),
@@ -108,6 +123,7 @@ def train_relation(
         dev=ranks("dev", result.dev),
         test=ranks("test", result.test),
         hard_templates_test=test_templates,
+        candidates=candidates,
     )
 
 

@@ -32,6 +32,10 @@ class TrainingArguments:
         seed (`int`): Seed of the training batches' order (and, through the caller's `set_seed`, of everything else).
         mixture_fit (`str`): ``"gradient"`` trains the mixture weights with the rest; ``"em"`` fits them by EM once
             per epoch (the paper's procedure).
+        multi_token (`bool`): Train on all facts, objects of any length (one mask per object token), and evaluate by
+            ranking each relation's candidate objects; False keeps the paper's single-token setting.
+        length_normalized (`bool`): With ``multi_token``, rank candidates by log p(c|x) divided by their number of
+            tokens instead of by log p(c|x).
     """
 
     learning_rate: float = field(default=1e-2, metadata={"help": "Adam's learning rate."})
@@ -46,11 +50,21 @@ class TrainingArguments:
         default="gradient",
         metadata={"help": "How the mixture weights are fit: 'gradient' or 'em'.", "choices": ("gradient", "em")},
     )
+    multi_token: bool = field(
+        default=False,
+        metadata={"help": "Train on all facts (objects of any length) and evaluate by ranking candidate objects."},
+    )
+    length_normalized: bool = field(
+        default=False,
+        metadata={"help": "With --multi_token, rank candidates by log p per token instead of log p."},
+    )
 
     # what a resumed run may change (the result then differs from an uninterrupted run, which is reported)...
     ADJUSTABLE = ("learning_rate", "weight_decay", "gradient_accumulation_steps")
     # ...and what it must keep: these shape the batches, the random states or the procedure
-    FIXED = ("per_device_train_batch_size", "seed", "mixture_fit")
+    FIXED = ("per_device_train_batch_size", "seed", "mixture_fit", "multi_token", "length_normalized")
+    # fixed settings that checkpoints of earlier versions did not record, read there as these values
+    RECORDED_SINCE = {"multi_token": False, "length_normalized": False}
 
     def __post_init__(self) -> None:
         for name in (
@@ -64,6 +78,8 @@ class TrainingArguments:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.mixture_fit not in ("gradient", "em"):
             raise ValueError(f"--mixture_fit must be 'gradient' or 'em', got {self.mixture_fit!r}.")
+        if self.length_normalized and not self.multi_token:
+            raise ValueError("--length_normalized ranks candidate objects, which only --multi_token does; add it.")
         if self.learning_rate < 0 or self.weight_decay < 0:
             raise ValueError("--learning_rate and --weight_decay cannot be negative.")
 

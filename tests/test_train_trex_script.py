@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import script_environment, two_process_launch
+from conftest import load_script, script_environment, two_process_launch
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertTokenizerFast
 from trex_fixture import build_fixture, check_two_relation_outputs
@@ -112,6 +112,50 @@ def test_run_writes_results_adapters_and_keeps_best_on_dev(fx, tmp_path):
         assert model.mixture_weights() == pytest.approx(on_disk["relations"][relation]["mixture_weights"])
 
 
+def test_multi_token_run_ranks_candidates_and_writes_split_metrics(fx, tmp_path):
+    from peft import PeftModel
+
+    from peft_softmix.facts import load_facts
+
+    out, folder = tmp_path / "out", tmp_path / "candidates"
+    folder.mkdir()
+    cities = ["Paris", "Rome", "Milan", "Berlin", "Madrid", "Lisbon"]
+    (folder / "P19.txt").write_text("\n".join([*cities, "New York"]) + "\n", encoding="utf-8")
+    (folder / "P20.txt").write_text("\n".join(cities) + "\n", encoding="utf-8")  # without the two-token object
+    proc = script(argv(fx, out, "--multi_token", "--candidates", str(folder), relations="P19,P20"), tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "train 41/41" in proc.stdout and "7 candidate objects (given)" in proc.stdout
+    assert "test 17/17 (1 gold objects not among the candidates, ranked last)" in proc.stdout
+
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["settings"]["multi_token"] is True
+    p20 = on_disk["relations"]["P20"]
+    assert p20["candidates"] == {"count": 6, "gold_not_a_candidate": {"dev": 1, "test": 1}}
+    # the gold that is no candidate is ranked last, after all six: never a hit
+    assert p20["by_length"]["test"]["multi_token"]["soft"] == pytest.approx(
+        {"p@1": 0.0, "p@10": 1.0, "mrr": 1 / 7, "count": 1}
+    )
+    for split in ("dev", "test"):
+        for group in ("single_token", "multi_token"):
+            row = on_disk["by_length"][split][group]["soft"]
+            assert row["num_facts"] == {"single_token": 32, "multi_token": 2}[group]
+    table = (out / "results.md").read_text()
+    assert "Facts whose gold object is one token (single_token)." in table and "| P19 | 1 |" in table
+    assert "several tokens (multi_token)" in proc.stdout
+
+    # the saved adapter, scoring the candidates directly, reproduces the reported test scores
+    base = AutoModelForMaskedLM.from_pretrained(str(fx.model_nodrop))
+    model = PeftModel.from_pretrained(base, str(out / "P19" / "adapter"))
+    facts = load_facts(fx.trex / "P19" / "test.jsonl").facts
+    candidates = [*cities, "New York"]
+    scores = model.score_candidates([f.subject for f in facts], candidates).log_probs
+    gold = torch.tensor([candidates.index(f.object) for f in facts])
+    ranks = (scores > scores.gather(1, gold[:, None])).sum(1) + 1
+    reported = on_disk["relations"]["P19"]["test"]["soft"]
+    assert (ranks == 1).float().mean().item() == pytest.approx(reported["p@1"])
+    assert (1 / ranks.float()).mean().item() == pytest.approx(reported["mrr"])
+
+
 def test_preset_paper_sets_the_papers_protocol_and_explicit_flags_win(fx, tmp_path):
     out = tmp_path / "out"
     args = [a for a in argv(fx, out) if a not in ("--learning_rate", "0.1")]
@@ -151,6 +195,8 @@ def test_bad_input_exits_early_with_a_message(fx, tmp_path):
         (no_mask / name).unlink(missing_ok=True)
     BertTokenizerFast(vocab=vocab, do_lower_case=False, mask_token=None).save_pretrained(no_mask)
     message = fails(argv(fx, out, model=no_mask))
+    assert "no mask token" in message and "masked language model" in message
+    message = fails(argv(fx, out, "--multi_token", model=no_mask))
     assert "no mask token" in message and "masked language model" in message
 
     # flags that contradict each other are usage errors (exit code 2), found before anything loads
@@ -331,3 +377,45 @@ def test_two_processes_match_one_and_only_the_main_process_writes(fx, tmp_path):
         rel = Path(path).relative_to(double.resolve())
         assert rel.parts[:2] == ("P19", "checkpoints") and rel.parts[2].startswith(".epoch_"), line
         assert (event == "os.mkdir" and len(rel.parts) == 3) or rel.name == "random_states_1.pkl", line
+
+
+def test_multi_token_flags_that_contradict_or_a_bad_candidates_line_are_refused(fx, tmp_path, capsys):
+    train_trex = load_script(SCRIPT, "train_trex_flags")
+    for extra, expected in (
+        (["--multi_token", "--common_vocab"], "with --multi_token give --candidates"),
+        (["--candidates", "x.txt"], "--candidates ranks objects of any length"),
+        (["--length_normalized"], "--length_normalized ranks candidate objects"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            train_trex.parse_args(argv(fx, tmp_path / "out", *extra))
+        assert exit_.value.code == 2 and expected in capsys.readouterr().err
+    args = train_trex.parse_args(argv(fx, tmp_path / "out", "--multi_token", "--length_normalized"))
+    assert args.training.multi_token and args.training.length_normalized and args.multi_token
+    assert not train_trex.parse_args(argv(fx, tmp_path / "out")).training.multi_token
+    # a candidates line the tokenizer cannot write is named, with the flag to fix
+    tokenizer = AutoTokenizer.from_pretrained(str(fx.model))
+    candidates = tmp_path / "candidates.txt"
+    candidates.write_text("Paris\nRome\nZürich\n", encoding="utf-8")
+    with pytest.raises(train_trex.RelationDataError) as err:
+        train_trex.relation_candidates(str(candidates), "P19", tokenizer)
+    assert f"{candidates}, line 3: 'Zürich'" in str(err.value) and "--candidates" in str(err.value)
+    with pytest.raises(train_trex.RelationDataError, match="no file .*P20.txt"):
+        train_trex.relation_candidates(str(tmp_path), "P20", tokenizer)
+
+
+def test_multi_token_evaluation_across_two_processes_ranks_every_fact_once(fx, tmp_path):
+    """Candidate ranking gathered from two processes (17 facts in batches of 5: Accelerate repeats some to even
+    out the last batch) gives every fact one rank, and the untrained rows the very ranks of one process."""
+    common = ["--multi_token", "--num_train_epochs", "1", "--per_device_eval_batch_size", "5"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    alone = script(argv(fx, single, *common), tmp_path)
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    pair = script(argv(fx, double, *common), tmp_path, launcher=two_process_launch(29800))
+    assert pair.returncode == 0, pair.stdout[-3000:] + pair.stderr[-6000:]
+    a = json.loads((single / "results.json").read_text())["relations"]["P19"]
+    b = json.loads((double / "results.json").read_text())["relations"]["P19"]
+    for split in ("dev", "test"):
+        assert b[split]["soft"]["count"] == 17
+        for row in ("hard_first", "hard_mixture"):
+            assert a[split][row] == b[split][row]
+            assert a["by_length"][split]["multi_token"][row] == b["by_length"][split]["multi_token"][row]

@@ -88,8 +88,9 @@ def run(
     outcomes, label = [], ""
     for relation in names:
         data = load_relation_data(
-            data_dir, relation, tokenizer, "mined", num_templates, fx.root / "templates", common_words=words
-        )
+            data_dir, relation, tokenizer, "mined", num_templates, fx.root / "templates", common_words=words,
+            multi_token=args.multi_token,
+        )  # fmt: skip
         set_seed(args.seed)
         adapter = SoftMixtureConfig(templates=data.templates, tokenizer_name_or_path=str(model), **(config or {}))
         peft_model = get_peft_model(base, adapter)
@@ -476,3 +477,97 @@ def test_an_output_folder_is_held_by_one_run_and_must_be_writable(tmp_path):
     blocker.write_text("")
     with pytest.raises(OutputDirError, match="Cannot write to --output_dir"), lock_output_dir(blocker / "out"):
         pass
+
+
+# -- the multi-token setting (#17) -----------------------------------------------------------------------------
+
+
+def test_multi_token_run_trains_on_all_facts_and_scores_them_by_length(fx, tmp_path):
+    results = run(fx, tmp_path / "out", relations="P19,P20", multi_token=True)
+    for relation in ("P19", "P20"):
+        entry = results["relations"][relation]
+        assert entry["facts"] == {"train": 41, "dev": 17, "test": 17}  # "New York" (two tokens) is kept
+        assert entry["candidates"] == {"count": 7, "gold_not_a_candidate": {"dev": 0, "test": 0}}  # 6 cities + it
+        for split in ("dev", "test"):
+            by_length = entry["by_length"][split]
+            for row in results["rows"]:
+                single, multi, whole = by_length["single_token"][row], by_length["multi_token"][row], entry[split][row]
+                assert (single["count"], multi["count"], whole["count"]) == (16, 1, 17)
+                for key in ("p@1", "mrr"):
+                    assert single[key] * 16 + multi[key] == pytest.approx(whole[key] * 17)
+        # early stopping follows dev P@1 of candidate ranking: the kept epoch is the best of the history
+        best = max(entry["history"], key=lambda h: h["dev_p@1"])
+        assert entry["dev"]["soft"]["p@1"] == pytest.approx(best["dev_p@1"])
+    overall = results["by_length"]["test"]["multi_token"]["soft"]
+    assert overall["num_facts"] == 2
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "Facts whose gold object is several tokens (multi_token)." in text
+
+
+def test_em_on_whole_objects_sets_the_weights_to_the_mean_posterior(fx, tmp_path):
+    from peft_softmix.em import em_object_posteriors
+    from peft_softmix.facts import load_facts
+
+    out = tmp_path / "out"
+    run(fx, out, num_train_epochs=1, multi_token=True, mixture_fit="em",
+        config={"train_weights": False, "train_prompts": False})  # fmt: skip
+    weights = torch.softmax(checkpoint_state(out, "P19", 1)["adapter"]["mixture_logits"], 0)
+    templates = [t for r, t in TEMPLATES if r == "P19"]
+    base = AutoModelForMaskedLM.from_pretrained(str(fx.model_nodrop))
+    model = get_peft_model(base, SoftMixtureConfig(templates=templates, tokenizer_name_or_path=str(fx.model)))
+    facts = load_facts(fx.trex / "P19" / "train.jsonl").facts
+    batch = model.encode([f.subject for f in facts], [f.object for f in facts], multi_token=True)
+    assert (batch["labels"] != -100).sum(1).max() == 2  # the two-token object is among them
+    with torch.no_grad():
+        out_ = model(**batch)
+    expected = em_object_posteriors(out_.template_object_log_probs, out_.log_weights, batch["labels"]).mean(0)
+    assert weights.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert max(expected.tolist()) - min(expected.tolist()) > 1e-3  # not trivially uniform
+
+
+def test_resume_refuses_a_switched_multi_token_setting(fx, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    run(fx, single, num_train_epochs=1)
+    with pytest.raises(ResumeError, match="--multi_token: checkpoint False, now True"):
+        run(fx, single, num_train_epochs=2, resume="latest", multi_token=True)
+    run(fx, multi, num_train_epochs=1, multi_token=True)
+    with pytest.raises(ResumeError, match="--multi_token: checkpoint True, now False"):
+        run(fx, multi, num_train_epochs=2, resume="latest")
+    with pytest.raises(ResumeError, match="--length_normalized: checkpoint False, now True"):
+        run(fx, multi, num_train_epochs=2, resume="latest", multi_token=True, length_normalized=True)
+    # a checkpoint of an earlier version, which did not record the setting, resumes in the single-token setting
+    epoch = checkpoint_dir(single, "P19") / "epoch_1"
+    for name in ("fingerprint.json", STATE_FILE):
+        saved = json.loads((epoch / name).read_text())
+        where = saved["settings"]
+        for key in ("multi_token", "length_normalized"):
+            del where[key]
+        (epoch / name).write_text(json.dumps(saved))
+    resumed = run(fx, single, num_train_epochs=2, resume="latest")
+    assert resumed["relations"]["P19"]["epochs_run"] == 2
+
+
+def test_multi_token_leaves_out_objects_too_long_for_the_model_and_names_empty_lines(fx, tmp_path):
+    trex = tmp_path / "trex"
+    shutil.copytree(fx.trex / "P19", trex / "P19")
+    # 60 object tokens fill [Y] with 60 masks: over the tiny BERT's 64 positions with any template
+    with open(trex / "P19" / "train.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"sub_label": "Bruno", "obj_label": " ".join(["York"] * 60)}) + "\n")
+        f.write(json.dumps({"sub_label": "Carla", "obj_label": " "}) + "\n")  # line 43: an empty object
+    tokenizer = AutoTokenizer.from_pretrained(str(fx.model))
+    data = load_relation_data(trex, "P19", tokenizer, "mined", 5, fx.root / "templates", multi_token=True)
+    assert "1 empty subjects or objects, train.jsonl line 43" in data.notes
+    # every dev and test fact is scored against every candidate, the 60-token one too: only train keeps its facts
+    with_long = data.candidates
+    assert len(with_long) == 8
+    base = AutoModelForMaskedLM.from_pretrained(str(fx.model))
+    model = get_peft_model(base, SoftMixtureConfig(templates=data.templates, tokenizer_name_or_path=str(fx.model)))
+    with pytest.raises(RelationDataError, match="every dev fact has a query longer than the model's 64 tokens") as err:
+        drop_long_queries(model, data)
+    assert "longest candidate (60 tokens). Give --candidates without objects that long" in str(err.value)
+    data.candidates = [c for c in with_long if len(c) < 100]
+    kept, note = drop_long_queries(model, data)
+    assert (
+        note is not None and "query with one mask per object token longer than the model's 64 tokens: train 1" in note
+    )
+    assert {split: len(facts) for split, facts in kept.splits.items()} == {"train": 41, "dev": 17, "test": 17}
