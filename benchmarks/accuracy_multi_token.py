@@ -38,13 +38,15 @@ BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))  # accuracy.py: the single-token benchmark's peers, tables and helpers
 sys.path.insert(0, str(BENCHMARKS.parent))  # this checkout's peft_softmix, installed or not
 
+from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from accuracy import PEERS, Peer, pct, peer_config, quiet  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import AutoModelForMaskedLM, AutoTokenizer  # noqa: E402
 
-from peft_softmix import SoftMixtureConfig  # noqa: E402
+from peft_softmix import RelationTrainer, SoftMixtureConfig, TrainingArguments  # noqa: E402
 from peft_softmix.atomic import write_json_atomic  # noqa: E402
+from peft_softmix.candidate_evaluation import candidate_ranks, default_candidates  # noqa: E402
 from peft_softmix.facts import SAMPLE_DIR, Fact, filter_unknown_subjects, load_relation  # noqa: E402
 from peft_softmix.metrics import load_fact_retrieval  # noqa: E402
 from peft_softmix.objects import object_tokens  # noqa: E402
@@ -98,7 +100,7 @@ def load_facts(args: argparse.Namespace, relation: str, tokenizer, max_query_len
         facts = facts[:limit] if limit is not None else facts
         notes.append(f"{name} {len(facts)}/{len(split.facts)}")
         kept[name] = facts
-    candidates = list(dict.fromkeys(f.object for facts in kept.values() for f in facts))
+    candidates = default_candidates(tokenizer, [f for facts in kept.values() for f in facts])
     return RelationFacts(relation, kept, candidates, templates, ", ".join(notes) + f"; {len(candidates)} candidates")
 
 
@@ -111,42 +113,25 @@ def fill(template: str, subject: str, mask_token: str, num_masks: int) -> str:
     return template.replace("[X]", subject).replace("[Y]", " ".join([mask_token] * num_masks))
 
 
-def gold_ranks(scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
-    """``[B]`` rank of each fact's gold candidate (1 = best); ties in the gold's favour, as in LAMA's ranking."""
-    gold_scores = scores.gather(1, gold[:, None])
-    return 1 + (scores > gold_scores).sum(1)
-
-
 # -- scorers: what a method trains and how it scores candidates ------------------------------------------------------
-
-
-class SoftScorer:
-    """A `PeftModelForSoftMixture`: the library's multi-token loss and candidate ranking."""
-
-    def __init__(self, model, batch_size: int):
-        self.model, self.batch_size = model, batch_size
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def loss(self, facts: list[Fact]) -> torch.Tensor:
-        batch = self.model.encode([f.subject for f in facts], [f.object for f in facts], multi_token=True)
-        return self.model(**batch, return_log_probs=False).loss
-
-    def scores(self, subjects: list[str], candidates: list[str]) -> torch.Tensor:
-        return self.model.score_candidates(subjects, candidates, batch_size=self.batch_size).scores()
-
-    def train(self, mode: bool) -> None:
-        self.model.train(mode)
 
 
 class PeerScorer:
     """A PEFT prompt-learning model before the manual template, asked with n masks for an n-token object; log p(c|x)
     = sum_j log p(c_j|x) at the masks, as for the soft prompts."""
 
-    def __init__(self, peft_model, tokenizer, template: str, num_virtual_tokens: int, batch_size: int):
+    def __init__(
+        self,
+        peft_model,
+        tokenizer,
+        template: str,
+        num_virtual_tokens: int,
+        batch_size: int,
+        length_normalized: bool = False,
+    ):
         self.model, self.tokenizer, self.template = peft_model, tokenizer, template
         self.shift, self.batch_size = num_virtual_tokens, batch_size  # PEFT's virtual tokens come first
+        self.length_normalized = length_normalized
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -198,7 +183,7 @@ class PeerScorer:
                 log_probs, _ = self.mask_log_probs(chunk, [n] * len(chunk))  # [b, n, V]
                 log_probs = log_probs.cpu()
                 total = sum(log_probs[:, j].index_select(1, ids[:, j]) for j in range(n))
-                out[start : start + len(chunk), columns] = total
+                out[start : start + len(chunk), columns] = total / n if self.length_normalized else total
         return out
 
 
@@ -217,7 +202,7 @@ def ranks_of(scorer, facts: list[Fact], candidates: list[str]) -> torch.Tensor:
     scorer.train(False)
     index = {c: i for i, c in enumerate(candidates)}
     scores = scorer.scores([f.subject for f in facts], candidates)
-    return gold_ranks(scores.cpu(), torch.tensor([index[f.object] for f in facts]))
+    return candidate_ranks(scores.cpu(), torch.tensor([index[f.object.strip()] for f in facts]))
 
 
 def fit(scorer, data: RelationFacts, args: argparse.Namespace, learning_rate: float, train: list[Fact]) -> Fitted:
@@ -280,9 +265,11 @@ def single_token(facts: list[Fact], tokenizer) -> list[Fact]:
     return [f for f in facts if len(object_tokens(tokenizer, f.object)) == 1]
 
 
-def run_soft(row: SoftRow, args: argparse.Namespace, data: RelationFacts, tokenizer) -> Fitted:
+def run_soft(row: SoftRow, args: argparse.Namespace, data: RelationFacts, tokenizer, accelerator) -> Fitted:
+    """The library's loop (`RelationTrainer` with ``multi_token``: the loss over all facts, candidate ranking on dev
+    and test among this benchmark's candidates), as ``examples/train_trex.py --multi_token`` trains."""
     set_seed(args.seed)
-    base = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path)
+    base = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path).to(accelerator.device)
     config = SoftMixtureConfig(
         templates=data.templates[row.templates],
         tokenizer_name_or_path=args.model_name_or_path,
@@ -290,12 +277,28 @@ def run_soft(row: SoftRow, args: argparse.Namespace, data: RelationFacts, tokeni
         deep=row.deep,
         seed=args.seed,
     )
-    scorer = SoftScorer(get_peft_model(base, config), args.eval_batch_size)
+    model = get_peft_model(base, config).to(accelerator.device)
+    splits = data.splits
     if row.train == "single":  # the single-token setting's training: its facts only, picked on its dev facts
-        splits = {**data.splits, "dev": single_token(data.splits["dev"], tokenizer) or data.splits["dev"]}
-        data = RelationFacts(data.relation, splits, data.candidates, data.templates, data.notes)
-        return fit(scorer, data, args, args.learning_rate, single_token(data.splits["train"], tokenizer))
-    return fit(scorer, data, args, args.learning_rate, data.splits["train"] if row.train else [])
+        dev = single_token(splits["dev"], tokenizer) or splits["dev"]
+        splits = {"train": single_token(splits["train"], tokenizer), "dev": dev, "test": splits["test"]}
+    training = TrainingArguments(
+        learning_rate=args.learning_rate,
+        num_train_epochs=args.num_train_epochs,
+        patience=args.patience,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size,
+        seed=args.seed,
+        multi_token=True,
+        length_normalized=args.length_normalized,
+    )
+    trainer = RelationTrainer(
+        model, splits, training, accelerator, name=f"{row.name} {data.relation}", candidates=data.candidates
+    )
+    if row.train is None:
+        return Fitted(0, math.nan, trainer.evaluate("test").mixture.cpu())
+    result = trainer.train()
+    return Fitted(result.best_epoch, result.best_dev_p1, result.test.mixture.cpu())
 
 
 def run_peer(peer: Peer, learning_rate: float, args: argparse.Namespace, data: RelationFacts, tokenizer) -> Fitted:
@@ -305,7 +308,12 @@ def run_peer(peer: Peer, learning_rate: float, args: argparse.Namespace, data: R
     token_dim = base.get_input_embeddings().embedding_dim
     config = peer_config(peer, args.num_virtual_tokens, token_dim, template, args.model_name_or_path)
     scorer = PeerScorer(
-        get_peft_model(base, config), tokenizer, template, args.num_virtual_tokens, args.eval_batch_size
+        get_peft_model(base, config),
+        tokenizer,
+        template,
+        args.num_virtual_tokens,
+        args.eval_batch_size,
+        args.length_normalized,
     )
     return fit(scorer, data, args, learning_rate, data.splits["train"])
 
@@ -334,7 +342,10 @@ def run_decoding(args: argparse.Namespace, data: RelationFacts, tokenizer) -> Fi
     model = get_peft_model(base, config)
     longest = max(len(object_tokens(tokenizer, c)) for c in data.candidates)
     facts = data.splits["test"]
-    answers = decode_answers(model, [f.subject for f in facts], max_tokens=longest, strategy=args.decoding_strategy)
+    subjects = [f.subject for f in facts]
+    answers = decode_answers(
+        model, subjects, longest, strategy=args.decoding_strategy, length_normalized=args.length_normalized
+    )
     ranks = []
     for fact, found in zip(facts, answers):
         gold = tuple(object_tokens(tokenizer, fact.object))
@@ -415,7 +426,8 @@ def check_targets(methods: dict[str, Any]) -> list[dict[str, Any]]:
     def target(text: str, value: float | None, goal: float | None) -> dict[str, Any] | None:
         if value is None or goal is None:
             return None
-        return {"target": text, "value": value, "goal": goal, "met": value >= goal - 1e-12}
+        # 0 against 1.5 x 0 would be "met" by a method that never answers right: a target needs a hit
+        return {"target": text, "value": value, "goal": goal, "met": value >= goal - 1e-12 and value > 0}
 
     mix = "soft_mixture"
     manual = macro_p1(methods, "manual", "multi")
@@ -477,6 +489,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="confidence",
         help="How the X-FACTR-style row fills its masks (peft_softmix.decoding's strategies).",
     )
+    parser.add_argument(
+        "--length_normalized",
+        action="store_true",
+        help="Rank candidates (and decoded answers) by log p(c|x) / (its tokens) instead of log p(c|x).",
+    )
     parser.add_argument("--max_object_tokens", type=int, default=8, help="Leave out objects of more tokens.")
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--max_eval_samples", type=int, default=None)
@@ -515,6 +532,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for rel, d in data.items()
     }
     metric = load_fact_retrieval(keep_in_memory=True)
+    accelerator = Accelerator()
     methods: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
 
@@ -532,7 +550,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         t0 = time.time()
         with quiet(out / "runs" / row.name / "log.txt", args.verbose):
-            fitted = {rel: run_soft(row, args, d, tokenizer) for rel, d in data.items()}
+            fitted = {rel: run_soft(row, args, d, tokenizer, accelerator) for rel, d in data.items()}
         methods[row.name] = subset_scores(metric, {r: f.test_ranks for r, f in fitted.items()}, lengths)
         timings[row.name] = time.time() - t0
         progress(row.name)
@@ -601,7 +619,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"on {platform.machine()} ({torch.get_num_threads()} threads)."
     )
     for subset, title in (("all", "All test facts"), ("single", "Single-token facts"), ("multi", "Multi-token facts")):
-        print(f"\n{title}: test P@1 / P@10 / MRR in %, candidates ranked by log p(c|x).\n")
+        score = "log p(c|x) / (its tokens)" if args.length_normalized else "log p(c|x)"
+        print(f"\n{title}: test P@1 / P@10 / MRR in %, candidates ranked by {score}.\n")
         print(methods_table(methods, subset))
     print("\nThe PEFT peers' learning-rate sweep (macro P@1 in %; kept: the best macro dev P@1).\n")
     print(sweep_table(sweeps))

@@ -66,12 +66,6 @@ def test_the_sweep_keeps_the_learning_rate_with_the_best_macro_dev_p1(accuracy):
         accuracy.best_point(points[2:])
 
 
-def test_gold_ranks_count_the_candidates_above_the_gold_ties_in_its_favour(multi_token):
-    scores = torch.tensor([[1.0, 2.0, 2.0, 0.5], [3.0, 2.0, 1.0, 3.0]])
-    assert multi_token.gold_ranks(scores, torch.tensor([1, 1])).tolist() == [1, 3]
-    assert multi_token.gold_ranks(scores, torch.tensor([3, 0])).tolist() == [4, 1]
-
-
 def test_peer_scores_a_two_token_candidate_by_the_sum_of_its_mask_log_probs(accuracy, multi_token, subword_dir):
     """Oracle: the frozen model fed the prompt's vectors then the words' embeddings, by hand."""
     tokenizer = AutoTokenizer.from_pretrained(subword_dir)
@@ -95,6 +89,9 @@ def test_peer_scores_a_two_token_candidate_by_the_sum_of_its_mask_log_probs(accu
             masks = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero().squeeze(1)
             expected = sum(float(log_probs[m, t]) for m, t in zip(masks, ids))
             assert float(scores[b, c]) == pytest.approx(expected, abs=1e-4)
+    scorer.length_normalized = True  # log p(c|x) per token
+    lengths = torch.tensor([len(t) for t in tokens], dtype=torch.float)
+    assert torch.allclose(scorer.scores(["Dante", "Kant", "Bo"], candidates), scores / lengths, atol=1e-5)
 
 
 def test_multi_token_benchmark_reports_every_row_split_by_object_length(multi_token, subword_dir, tmp_path):
