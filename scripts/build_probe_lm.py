@@ -23,6 +23,12 @@ Run (about 14 minutes of CPU time with one thread; the wall time grows when othe
 
 It writes ``examples/probe_lm/`` (model, tokenizer, ``build_info.json``, model card ``README.md``) and the shipped
 data sample ``peft_softmix/data/sample/``.
+
+The same corpus also builds probe LMs whose objects may be several tokens (``scripts/probe_lm_multitoken.py``):
+``--tokenizer subword --vocab_size N`` trains a WordPiece vocabulary of N pieces on the corpus and masks every piece
+of the object; ``--architecture causal`` trains a decoder-only GPT-2 by next-token prediction instead. Their facts
+are checked by ranking each relation's candidate objects. The commands that built ``examples/probe_lm_subword/``
+and ``examples/probe_lm_causal/`` are in their model cards.
 """
 
 from __future__ import annotations
@@ -641,6 +647,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token_rate", type=float, default=0.15)
     parser.add_argument("--max_length", type=int, default=32, help="positions; longer sentences are dropped")
     parser.add_argument("--max_vocab", type=int, default=20000, help="refuse a larger vocabulary (model size)")
+    parser.add_argument(
+        "--tokenizer",
+        choices=("word", "subword"),
+        default="word",
+        help="word: one token per corpus word (every object one token); subword: WordPiece of --vocab_size pieces "
+        "trained on the corpus, so that many objects are several tokens",
+    )
+    parser.add_argument("--vocab_size", type=int, default=1500, help="WordPiece vocabulary with --tokenizer subword")
+    parser.add_argument(
+        "--architecture",
+        choices=("masked", "causal"),
+        default="masked",
+        help="masked: BertForMaskedLM; causal: GPT2LMHeadModel trained by next-token prediction (needs subword)",
+    )
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=512, help="feed-forward width")
+    parser.add_argument(
+        "--eval_facts",
+        type=int,
+        default=0,
+        help="check recall and test P@1 on this many facts per relation (a fixed random sample); 0: all",
+    )
     parser.add_argument("--eval_every", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu for the committed build; cuda only to try settings")
@@ -651,6 +681,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 # Flags that decide where files go or what is printed, not what model comes out.
 _OUTPUT_FLAGS = {"data_dir", "output_dir", "sample_dir", "no_sample", "eval_every", "dry_run", "card_only", "device"}
+# Flags that shape the model only with another tokenizer or architecture than the word-level masked LM.
+_VARIANT_FLAGS = {"vocab_size"}
 
 
 def model_flags(args: argparse.Namespace) -> str:
@@ -658,7 +690,8 @@ def model_flags(args: argparse.Namespace) -> str:
     defaults = vars(parse_args([]))
     flags = ""
     for name, value in vars(args).items():
-        if name in _OUTPUT_FLAGS or value == defaults[name]:
+        shown_anyway = name in _VARIANT_FLAGS and args.tokenizer != "word"
+        if name in _OUTPUT_FLAGS or (value == defaults[name] and not shown_anyway):
             continue
         shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
         flags += f" --{name} {shown}"
@@ -668,13 +701,18 @@ def model_flags(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     start_time = time.time()
+    word, causal = args.tokenizer == "word", args.architecture == "causal"
+    if causal and word:
+        sys.exit("--architecture causal needs --tokenizer subword (a decoder needs <s>, </s> and <pad> tokens).")
     if args.card_only:
-        write_model_card(
-            args.output_dir, json.loads((args.output_dir / "build_info.json").read_text(encoding="utf-8"))
-        )
+        info = json.loads((args.output_dir / "build_info.json").read_text(encoding="utf-8"))
+        if info.get("tokenizer", "word") == "word":
+            write_model_card(args.output_dir, info)
+        else:
+            _multitoken().write_model_card(args.output_dir, info)
         return
     import torch
-    from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
 
     data_dir = args.data_dir.resolve()
     if not (data_dir / "trex").is_dir():
@@ -701,7 +739,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         for rel in args.relations
         for t in (all_templates[rel].manual,) + all_templates[rel].mined + all_templates[rel].paraphrase
     ]
-    tokenizer = build_tokenizer([s.text for s in corpus.sentences] + prompt_texts, pre_tokenize)
+    if word:
+        tokenizer = build_tokenizer([s.text for s in corpus.sentences] + prompt_texts, pre_tokenize)
+    else:
+        mt = _multitoken()
+        pieces = mt.train_wordpiece([s.text for s in corpus.sentences] + prompt_texts, args.vocab_size)
+        tokenizer = mt.causal_subword_tokenizer(pieces) if causal else mt.masked_subword_tokenizer(pieces)
     vocab_size = len(tokenizer)
     print(f"corpus: {len(corpus.sentences):,} sentences {dict(corpus.counts)}; vocabulary {vocab_size:,}", flush=True)
     if vocab_size > args.max_vocab:
@@ -710,34 +753,77 @@ def main(argv: Sequence[str] | None = None) -> None:
     unseen_prompt_words = sorted({w for t in prompt_texts for w in _words_of(pre_tokenize, t)} - set(corpus_words))
     print(f"prompt words never in the corpus (untrained embeddings): {unseen_prompt_words}", flush=True)
 
+    candidates = {}
     for rel in args.relations:
         objs = {o for split in corpus.facts[rel].values() for _, o in split}
+        if not word:
+            candidates[rel] = mt.Candidates(tokenizer, objs)
+            continue
         bad = [o for o in objs if len(tokenizer.tokenize(" " + o)) != 1 or tokenizer.tokenize(" " + o)[0] != o]
         if bad:
             sys.exit(f"Objects of {rel} that are not one token: {bad[:10]}")
+    if not word:
+        test_objects = {rel: [o for _, o in corpus.facts[rel]["test"]] for rel in args.relations}
+        multi = {rel: c.multi_token_fraction(test_objects[rel]) for rel, c in candidates.items()}
+        n_test = {rel: len(corpus.facts[rel]["test"]) for rel in args.relations}
+        overall = sum(multi[r] * n_test[r] for r in args.relations) / sum(n_test.values())
+        print(
+            f"test facts with a multi-token object: {overall:.3f} overall; "
+            + " ".join(f"{rel} {f:.2f}" for rel, f in multi.items()),
+            flush=True,
+        )
 
-    ids, object_positions, skipped = encode_sentences(tokenizer, corpus.sentences, args.max_length)
+    if word:
+        ids, object_positions, skipped = encode_sentences(tokenizer, corpus.sentences, args.max_length)
+        object_ends = [p + 1 for p in object_positions]
+    else:
+        ids, object_positions, object_ends, skipped = mt.encode_object_spans(
+            tokenizer,
+            [s.text for s in corpus.sentences],
+            [s.object_span for s in corpus.sentences],
+            args.max_length,
+            eos=tokenizer.eos_token_id if causal else None,
+        )
     lengths = [len(x) for x in ids]
     no_object = sum(p < 0 for p in object_positions)
     print(
-        f"encoded {len(ids):,} sentences (mean {sum(lengths) / len(lengths):.1f} tokens with [CLS]/[SEP], max "
-        f"{max(lengths)}); {skipped} longer than {args.max_length} dropped; {no_object} without a one-token object",
+        f"encoded {len(ids):,} sentences (mean {sum(lengths) / len(lengths):.1f} tokens with special tokens, max "
+        f"{max(lengths)}); {skipped} longer than {args.max_length} dropped; {no_object} without a whole-token object",
         flush=True,
     )
 
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=512,
-        max_position_embeddings=args.max_length,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        type_vocab_size=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = BertForMaskedLM(config).to(args.device)
+    if causal:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=args.max_length,
+            n_embd=args.hidden,
+            n_layer=args.layers,
+            n_head=args.heads,
+            n_inner=args.intermediate,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = GPT2LMHeadModel(config).to(args.device)
+    else:
+        config = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            intermediate_size=args.intermediate,
+            max_position_embeddings=args.max_length,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            type_vocab_size=2,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = BertForMaskedLM(config).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters", flush=True)
 
@@ -761,12 +847,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     quick_eval = {rel: eval_rng.sample(range(len(corpus.fact_templates[rel])), 250) for rel in args.relations}
 
     def recall_sample() -> str:
-        recalls = {rel: corpus_recall(model, tokenizer, corpus, rel, idx) for rel, idx in quick_eval.items()}
+        if word:
+            recalls = {rel: corpus_recall(model, tokenizer, corpus, rel, idx) for rel, idx in quick_eval.items()}
+        else:
+            recalls = {
+                rel: ranked_corpus_recall(model, tokenizer, corpus, rel, candidates[rel], idx[:50])
+                for rel, idx in quick_eval.items()
+            }
         model.train()
         mean = sum(recalls.values()) / len(recalls)
         return f"{mean:.3f} (" + " ".join(f"{rel} {r:.2f}" for rel, r in recalls.items()) + ")"
 
-    object_tensor = torch.tensor(object_positions)
+    object_tensor, end_tensor = torch.tensor(object_positions), torch.tensor(object_ends)
+    specials = tokenizer.all_special_ids
     train_start, train_cpu_start = time.time(), time.process_time()
     model.train()
     step, epoch, batches = 0, 0, []
@@ -778,11 +871,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         index = batches.pop()
         batch_ids = torch.nn.utils.rnn.pad_sequence([ids[i] for i in index], batch_first=True, padding_value=pad)
         attention = (batch_ids != pad).long()
-        inputs, chosen = mask_batch(
-            batch_ids, object_tensor[index], tokenizer, generator, args.object_rate, args.token_rate
-        )
         to = args.device
-        loss = masked_loss(model, inputs.to(to), attention.to(to), batch_ids.to(to), chosen.to(to))
+        if causal:
+            loss = mt.causal_loss(model, batch_ids.to(to), attention.to(to))
+        else:
+            if word:
+                inputs, chosen = mask_batch(
+                    batch_ids, object_tensor[index], tokenizer, generator, args.object_rate, args.token_rate
+                )
+            else:
+                inputs, chosen = mt.mask_whole_object(
+                    batch_ids,
+                    object_tensor[index],
+                    end_tensor[index],
+                    special_ids=specials,
+                    mask_id=tokenizer.mask_token_id,
+                    first_regular_id=len(mt.MASKED_SPECIAL_TOKENS),
+                    vocab_size=vocab_size,
+                    generator=generator,
+                    object_rate=args.object_rate,
+                    token_rate=args.token_rate,
+                )
+            loss = masked_loss(model, inputs.to(to), attention.to(to), batch_ids.to(to), chosen.to(to))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -799,7 +909,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             running = 0.0
         if step % args.eval_every == 0 and not args.dry_run:
-            print(f"  recall, 250 facts per relation: {recall_sample()}", flush=True)
+            print(f"  recall, {250 if word else 50} facts per relation: {recall_sample()}", flush=True)
     train_seconds = time.time() - train_start
     train_cpu_seconds = time.process_time() - train_cpu_start
     if args.dry_run:
@@ -815,7 +925,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokenizer.save_pretrained(out_dir)
 
     # Reload as a user would, and check that the tokenizer round-trips.
-    model = AutoModelForMaskedLM.from_pretrained(out_dir).to(args.device)
+    model = (AutoModelForCausalLM if causal else AutoModelForMaskedLM).from_pretrained(out_dir).to(args.device)
     built_tokenizer, tokenizer = tokenizer, AutoTokenizer.from_pretrained(out_dir)
     check = [s.text for s in corpus.sentences[::97]] + prompt_texts
     reloaded = tokenizer(check)["input_ids"]
@@ -823,9 +933,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"The tokenizer saved in {out_dir} does not reload as built (words became [UNK] or ids moved).")
 
     labels = {rel: t for rel, t in _lama_labels(data_dir).items()}
+    variant_info: dict = {}
     rows = []
-    print("\nrelation  facts  corpus-recall  majority  manual  mined(mean/best)  paraphrase(mean/best)")
-    for rel in args.relations:
+    if not word:
+        # the reloaded tokenizer, as a user would have it
+        candidates = {rel: mt.Candidates(tokenizer, c.objects) for rel, c in candidates.items()}
+        rows = ranked_rows(model, tokenizer, corpus, all_templates, candidates, labels, args)
+        variant_info = {
+            "tokenizer": args.tokenizer,
+            "architecture": args.architecture,
+            "eval_facts": args.eval_facts,
+            "multi_token_test_fraction": overall,
+        }
+    if word:
+        print("\nrelation  facts  corpus-recall  majority  manual  mined(mean/best)  paraphrase(mean/best)")
+    for rel in args.relations if word else ():
         test = corpus.facts[rel]["test"]
         train_objects = Counter(o for _, o in corpus.facts[rel]["train"])
         majority = train_objects.most_common(1)[0][0]
@@ -873,8 +995,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
     command = f"OMP_NUM_THREADS={threads} python scripts/build_probe_lm.py" + model_flags(args)
     info = {
-        "description": "Tiny BertForMaskedLM trained in this repository on sentences generated from T-REx facts "
-        "(offline demos and tests; not a general language model).",
+        "description": f"Tiny {type(model).__name__} trained in this repository on sentences generated from T-REx "
+        "facts (offline demos and tests; not a general language model).",
         "command": command,
         "seed": args.seed,
         "build_seconds": round(time.time() - start_time, 1),
@@ -904,6 +1026,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "hidden": config.hidden_size,
             "max_position_embeddings": config.max_position_embeddings,
         },
+        **variant_info,
         "training": {
             "steps": args.steps,
             "batch_size": args.batch_size,
@@ -921,10 +1044,99 @@ def main(argv: Sequence[str] | None = None) -> None:
         "relations": rows,
     }
     (out_dir / "build_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    write_model_card(out_dir, info)
+    if word:
+        write_model_card(out_dir, info)
+    else:
+        mt.write_model_card(out_dir, info)
     if not args.no_sample:
         write_data_sample(data_dir, args.sample_dir, args.relations)
     print(f"wrote {out_dir} ({safetensors_mb:.1f} MB safetensors) in {time.time() - start_time:.0f} s", flush=True)
+
+
+def _multitoken():
+    """The sibling module with the subword / causal parts (scripts/ is not a package)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import probe_lm_multitoken
+
+    return probe_lm_multitoken
+
+
+def _sample(n: int, k: int, seed: int) -> list[int]:
+    """A fixed random sample of ``k`` of ``range(n)`` in order, or all of it when ``k`` is 0 or at least ``n``."""
+    return sorted(random.Random(seed).sample(range(n), k)) if 0 < k < n else list(range(n))
+
+
+def ranked_corpus_recall(model, tokenizer, corpus: Corpus, relation: str, candidates, indices=None) -> float:
+    """Recall@1 of the relation's facts (the first corpus sentence written for each) by ranking the candidates."""
+    mt = _multitoken()
+    facts = [f for split in SPLITS for f in corpus.facts[relation][split]]
+    indices = range(len(facts)) if indices is None else indices
+    texts = [fill(corpus.fact_templates[relation][i][0], facts[i][0], mt.SLOT)[0] for i in indices]
+    preds = mt.rank(model, tokenizer, texts, candidates)
+    return sum(p == facts[i][1] for p, i in zip(preds, indices)) / max(len(texts), 1)
+
+
+def ranked_p1(model, tokenizer, template: str, facts: Sequence[tuple[str, str]], candidates) -> float:
+    mt = _multitoken()
+    preds = mt.rank(model, tokenizer, [fill(template, s, mt.SLOT)[0] for s, _ in facts], candidates)
+    return sum(p == o for p, (_, o) in zip(preds, facts)) / max(len(facts), 1)
+
+
+def ranked_rows(model, tokenizer, corpus: Corpus, all_templates, candidates, labels, args) -> list[dict]:
+    """What the subword / causal probe LM knows: the relation rows of build_info.json, by candidate ranking."""
+    rows = []
+    print("\nrelation  facts  multi-token  corpus-recall  majority  manual  mined(mean/best)  paraphrase(mean/best)")
+    for rel in args.relations:
+        facts = [f for split in SPLITS for f in corpus.facts[rel][split]]
+        test_all = corpus.facts[rel]["test"]
+        test = [test_all[i] for i in _sample(len(test_all), args.eval_facts, args.seed + 3)]
+        recall_idx = _sample(len(facts), args.eval_facts, args.seed + 4)
+        recall = ranked_corpus_recall(model, tokenizer, corpus, rel, candidates[rel], recall_idx)
+        majority = Counter(o for _, o in corpus.facts[rel]["train"]).most_common(1)[0][0]
+        manual = all_templates[rel].manual
+        held = corpus.held_out[rel]
+        mined_held = [t for t in held if t in first_distinct(all_templates[rel].mined, args.held_out)]
+        para_held = [t for t in held if t in first_distinct(all_templates[rel].paraphrase, args.held_out)]
+        p1 = {t: ranked_p1(model, tokenizer, t, test, candidates[rel]) for t in dict.fromkeys([manual, *held])}
+        mined_p1, para_p1 = [p1[t] for t in mined_held], [p1[t] for t in para_held]
+        row = {
+            "relation": rel,
+            "label": labels.get(rel, ""),
+            "facts": len(facts),
+            "test_facts": len(test_all),
+            "evaluated_test_facts": len(test),
+            "evaluated_corpus_facts": len(recall_idx),
+            "candidates": len(candidates[rel].objects),
+            "multi_token_test_fraction": candidates[rel].multi_token_fraction([o for _, o in test_all]),
+            "corpus_recall": recall,
+            "majority_test_p1": sum(o == majority for _, o in test) / len(test),
+            "manual_template": manual,
+            "manual_test_p1": p1[manual],
+            "manual_test_p1_multi_token": _p1_multi(model, tokenizer, manual, test, candidates[rel]),
+            "held_out_templates": held,
+            "held_out_mined_test_p1": dict(zip(mined_held, mined_p1)),
+            "held_out_paraphrase_test_p1": dict(zip(para_held, para_p1)),
+            "held_out_mined_mean_test_p1": sum(mined_p1) / max(len(mined_p1), 1),
+            "held_out_mined_best_test_p1": max(mined_p1, default=0.0),
+            "held_out_paraphrase_mean_test_p1": sum(para_p1) / max(len(para_p1), 1),
+            "held_out_paraphrase_best_test_p1": max(para_p1, default=0.0),
+            "corpus_templates": corpus.corpus_templates[rel],
+        }
+        rows.append(row)
+        print(
+            f"{rel:8s} {row['facts']:6d}  {row['multi_token_test_fraction']:11.2f}  {recall:13.3f}  "
+            f"{row['majority_test_p1']:8.3f}  {row['manual_test_p1']:6.3f}  "
+            f"{row['held_out_mined_mean_test_p1']:.3f}/{row['held_out_mined_best_test_p1']:.3f}        "
+            f"{row['held_out_paraphrase_mean_test_p1']:.3f}/{row['held_out_paraphrase_best_test_p1']:.3f}",
+            flush=True,
+        )
+    return rows
+
+
+def _p1_multi(model, tokenizer, template: str, facts, candidates) -> float | None:
+    """P@1 on the facts whose object is several tokens (None if there are none)."""
+    multi = [f for f in facts if len(candidates.pieces[candidates.index[f[1]]]) > 1]
+    return ranked_p1(model, tokenizer, template, multi, candidates) if multi else None
 
 
 def _lama_labels(data_dir: Path) -> dict[str, str]:
