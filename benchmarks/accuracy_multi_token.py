@@ -8,8 +8,10 @@ log p(c_j|x) (`PeftModelForSoftMixture.score_candidates` for the soft prompts; t
 
 Rows: the hard manual template and the uniform mixture of the K mined templates (untrained), one soft prompt from
 the manual template (shallow and deep), the soft mixture of K prompts from the mined templates, the same trained on
-single-token facts only, and PEFT's prompt tuning (text and vocabulary start) and P-tuning with the
-learning-rate sweep of ``accuracy.py``. P@1 / P@10 / MRR are given over all test facts and split into single-token
+single-token facts only (all of them trained by the library's `RelationTrainer` with ``multi_token``), the
+X-FACTR-style decoding of the manual template without candidates (when ``peft_softmix.decoding`` is there), and
+PEFT's prompt tuning (text and vocabulary start) and P-tuning with the learning-rate sweep of ``accuracy.py``
+(trained by `fit`, the same optimiser, batches, epochs and dev selection). P@1 / P@10 / MRR are given over all test facts and split into single-token
 and multi-token facts, micro and macro, with the targets of issue #17 as met / not met.
 
 Run::
