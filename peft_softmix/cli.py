@@ -1,6 +1,7 @@
 """The ``peft-softmix`` command line: ask a saved adapter, score it on a facts file, look inside it.
 
-    peft-softmix ask ADAPTER "Dante Alighieri" [--top_k 5] [--base MODEL] [--json]
+    peft-softmix ask ADAPTER "Dante Alighieri" [--top_k 5] [--max_tokens 3 [--strategy independent]]
+                     [--candidates FILE] [--length_normalized] [--base MODEL] [--json]
     peft-softmix evaluate ADAPTER --facts test.jsonl [--common_vocab FILE] [--json]
     peft-softmix evaluate ADAPTER --facts test.jsonl --multi_token [--candidates FILE] [--json]
     peft-softmix inspect ADAPTER [--top_n 5] [--json]
@@ -28,6 +29,9 @@ from rich.console import Console
 from rich.table import Table
 
 __all__ = ["app", "main"]
+
+# the library's default, repeated here so that `--help` needs no torch import (tests/test_decoding.py checks it)
+DEFAULT_STRATEGY = "independent"
 
 app = typer.Typer(
     name="peft-softmix",
@@ -158,6 +162,20 @@ def ask(
     adapter: AdapterArg,
     subjects: Annotated[list[str], typer.Argument(help='One or more subjects, e.g. "Dante Alighieri".')],
     top_k: Annotated[int, typer.Option("--top_k", "--top-k", min=1, help="How many answers per subject.")] = 5,
+    max_tokens: Annotated[
+        int, typer.Option("--max_tokens", "--max-tokens", help="Decode answers of up to this many tokens.")
+    ] = 1,
+    strategy: Annotated[
+        str, typer.Option("--strategy", help="How to fill the masks: independent, left_to_right or confidence.")
+    ] = DEFAULT_STRATEGY,
+    candidates: Annotated[
+        str | None,
+        typer.Option("--candidates", help="Rank these objects (any length), one per line of a UTF-8 file."),
+    ] = None,
+    length_normalized: Annotated[
+        bool,
+        typer.Option("--length_normalized", "--length-normalized", help="Rank by log p(y|x) per token."),
+    ] = False,
     base: BaseOpt = None,
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
@@ -165,8 +183,20 @@ def ask(
 ) -> None:
     """The top answers for each subject, with each template's share of the answer's score."""
     with _reported():
+        from .decoding import check_decoding_options
+        from .objects import read_candidates
+
+        check_decoding_options(max_tokens, strategy)  # before any model is loaded
+        objects = read_candidates(candidates) if candidates is not None else None
         model = _load(adapter, base, tokenizer, device)
-        results = model.query(list(subjects), top_k=top_k)
+        results = model.query(
+            list(subjects),
+            top_k=top_k,
+            max_tokens=max_tokens,
+            strategy=strategy,
+            candidates=objects,
+            length_normalized=length_normalized,
+        )
     if as_json:
         _print_json(results)
         return

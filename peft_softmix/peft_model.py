@@ -27,6 +27,7 @@ from .architectures import (
     tied_embedding_modules,
 )
 from .config import SoftMixtureConfig, naming_config_file
+from .decoding import DEFAULT_STRATEGY
 from .hooks import deep_prompt_hooks, gather_mask_positions, soft_word_embeddings
 from .inputs import check_forward_kwargs
 from .mixture import mix_templates
@@ -348,10 +349,18 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         candidate_ids: Sequence[int] | None = None,
         batch_size: int = 64,
         adapter_names: Sequence[str] | None = None,
+        max_tokens: int = 1,
+        strategy: str = DEFAULT_STRATEGY,
+        candidates: Sequence[str] | None = None,
+        length_normalized: bool = False,
     ) -> list[dict[str, Any]]:
-        """The top-k fillers of ``[Y]`` for each subject, best first, through each subject's adapter (see
-        `peft_softmix.answers.query`, which documents the answer format)."""
-        return query_model(self, subjects, top_k, return_template_probs, candidate_ids, batch_size, adapter_names)
+        """The top-k fillers of ``[Y]`` for each subject, best first, through each subject's adapter; answers of up
+        to ``max_tokens`` tokens decoded by ``strategy``, or ``candidates`` of any length ranked (see
+        `peft_softmix.answers.query_model`, which documents the answer format)."""
+        return query_model(
+            self, subjects, top_k, return_template_probs, candidate_ids, batch_size, adapter_names, max_tokens,
+            strategy, candidates, length_normalized,
+        )  # fmt: skip
 
     def score_candidates(
         self,

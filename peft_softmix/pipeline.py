@@ -9,6 +9,8 @@ each through its relation's adapter when ``adapter_names`` are given, in the for
 >>> ask("Dante Alighieri", top_k=3)                       # one subject: one answer dict
 >>> ask(["Dante", "Paris"], adapter_names=["P19", "P17"])  # several: a list, each through its adapter
 >>> ask("Dante", candidates=["Florence", "Rome"])          # answers restricted to these words (or token ids)
+>>> ask("Dante", max_tokens=3, strategy="left_to_right")   # open answers of up to 3 tokens, decoded
+>>> ask("Dante", max_tokens=3, candidates=["New York City", "Rome"])  # objects of any length, ranked
 ```
 """
 
@@ -29,11 +31,13 @@ TASK = "fact-query"
 
 class FactQueryPipeline(Pipeline):
     """Answers subjects with a `PeftModelForSoftMixture`: ``pipe(subjects, adapter_names=None, top_k=5,
-    candidates=None, return_template_probs=False, batch_size=64)``.
+    candidates=None, return_template_probs=False, batch_size=64, max_tokens=1, strategy=..., length_normalized=...)``.
 
     ``subjects`` is a string (one answer dict back) or a list of strings (a list back). ``adapter_names`` gives each
     subject's adapter (a string for all of them; default: the active adapter). ``candidates`` restricts the answers
-    to these words (those that are one token) or token ids.
+    to these words (those that are one token) or token ids; with ``max_tokens`` > 1 the candidates are words of any
+    length, ranked by the model's sequence score. ``max_tokens`` > 1 without candidates decodes answers of up to that
+    many tokens by ``strategy`` (`peft_softmix.decoding`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -50,14 +54,25 @@ class FactQueryPipeline(Pipeline):
         top_k: int | None = None,
         candidates: Sequence[str | int] | None = None,
         return_template_probs: bool | None = None,
+        max_tokens: int | None = None,
+        strategy: str | None = None,
+        length_normalized: bool | None = None,
         **unknown: Any,
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         if unknown:
             raise TypeError(
                 f"The {TASK!r} pipeline got unknown argument(s) {sorted(unknown)}; it takes adapter_names, top_k, "
-                "candidates, return_template_probs and batch_size."
+                "candidates, return_template_probs, batch_size, max_tokens, strategy and length_normalized."
             )
-        forward: dict[str, Any] = {}
+        forward: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("max_tokens", max_tokens),
+                ("strategy", strategy),
+                ("length_normalized", length_normalized),
+            )
+            if value is not None
+        }
         if adapter_names is not None:
             forward["adapter_names"] = adapter_names
         if top_k is not None:
@@ -87,10 +102,18 @@ class FactQueryPipeline(Pipeline):
         candidates: Sequence[str | int] | None = None,
         return_template_probs: bool = False,
         batch_size: int = 64,
+        **decoding: Any,
     ) -> list[dict[str, Any]]:
         names = [adapter_names] * len(subjects) if isinstance(adapter_names, str) else adapter_names
-        ids = self._candidate_ids(candidates, names[0] if names else None)
         model: Any = self.model
+        if decoding.get("max_tokens", 1) != 1 and candidates is not None:
+            # objects of any length, ranked by their sequence score
+            if isinstance(candidates, str) or not all(isinstance(c, str) for c in candidates):
+                raise TypeError(f"With max_tokens > 1, candidates takes a list of words, got {candidates!r}.")
+            decoding["candidates"] = list(candidates)
+            ids = None
+        else:
+            ids = self._candidate_ids(candidates, names[0] if names else None)
         return model.query(
             subjects,
             top_k=top_k,
@@ -98,6 +121,7 @@ class FactQueryPipeline(Pipeline):
             candidate_ids=ids,
             batch_size=batch_size,
             adapter_names=names,
+            **decoding,
         )
 
     def _candidate_ids(self, candidates: Sequence[str | int] | None, adapter: str | None) -> list[int] | None:
