@@ -11,8 +11,9 @@ the manual template (shallow and deep), the soft mixture of K prompts from the m
 single-token facts only (all of them trained by the library's `RelationTrainer` with ``multi_token``), the
 X-FACTR-style decoding of the manual template without candidates (when ``peft_softmix.decoding`` is there), and
 PEFT's prompt tuning (text and vocabulary start) and P-tuning with the learning-rate sweep of ``accuracy.py``
-(trained by `fit`, the same optimiser, batches, epochs and dev selection). P@1 / P@10 / MRR are given over all test facts and split into single-token
-and multi-token facts, micro and macro, with the targets of issue #17 as met / not met.
+(trained by `fit`, the same optimiser, batches, epochs and dev selection). P@1 / P@10 / MRR are given over all
+test facts and split into single-token and multi-token facts, micro and macro, with the targets of issue #17 as
+met / not met.
 
 Run::
 
