@@ -12,19 +12,25 @@ Every method is trained on the train facts of each relation, picked by dev P@1 a
   the vectors at random;
 - peers on the same facts: PEFT's own ``PROMPT_TUNING`` and ``P_TUNING`` (``--num_virtual_tokens`` virtual tokens
   before the manual template), trained by the same loop (``peft_softmix.trainer.RelationTrainer``: the same
-  optimiser, batches, epochs and dev selection) through a small wrapper that scores the mask (`PeftPeer`),
+  optimiser, batches, epochs and dev selection) through a small wrapper that scores the mask (`PeftPeer`), each
+  tuned as a fair comparison needs: a learning-rate sweep (``--peer_learning_rates``, default 1e-3 1e-2 1e-1 3e-1)
+  of which the rate with the best macro dev P@1 is kept, and prompt tuning started from the manual template's
+  words (PEFT's ``TEXT`` init; ``peft_prompt_tuning_vocab`` starts from sampled vocabulary vectors instead),
   an OptiPrompt-style single soft prompt (manual init, K = 1: the grid's ``manual_soft`` run), and the LPAQA-style
   weighted ensemble of the K mined hard prompts (only the mixture weights trained);
 - the majority baseline: each relation's train objects ranked by frequency.
 
 It prints micro and macro P@1 / P@10 / MRR of every method, the grid, a per-relation P@1 table next to the majority
-baseline, whether the targets on the probe LM are met, and, as its last line, one JSON object mapping every
-method's name to its macro test P@1. Everything is also written to ``<output_dir>/accuracy.json``.
+baseline, the peers' sweep, whether the targets on the probe LM are met, and, as its last line, one JSON object
+mapping every method's name to its macro test P@1. Everything is also written to ``<output_dir>/accuracy.json``.
 
 Run (defaults: the probe LM in ``examples/probe_lm`` and the sample shipped with the package)::
 
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick   # fewer epochs, no paraphrase row, no single deep runs
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --peers_only   # the majority baseline and the peers' sweep
+
+Objects of any length (issue #17) have their own benchmark, ``benchmarks/accuracy_multi_token.py``.
 
 The paper's experiment (BERT-base-cased, the full T-REx split; needs the Hub and a GPU)::
 
@@ -43,7 +49,7 @@ import platform
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +66,7 @@ from torch.utils.data import BatchSampler, DataLoader  # noqa: E402
 from transformers import AutoModelForMaskedLM, AutoTokenizer  # noqa: E402
 
 import peft_softmix  # noqa: E402, F401  (registers SOFT_MIXTURE with PEFT)
-from peft_softmix import SoftMixtureConfig, SoftMixtureOutput  # noqa: E402
+from peft_softmix import SoftMixtureConfig, SoftMixtureOutput, TrainingDiverged  # noqa: E402
 from peft_softmix.architectures import find_backbone  # noqa: E402
 from peft_softmix.atomic import write_json_atomic  # noqa: E402
 from peft_softmix.batching import FactDataset, LengthGroupedSampler, subject_lengths  # noqa: E402
@@ -77,7 +83,7 @@ from peft_softmix.relations import (  # noqa: E402
 from peft_softmix.results import results_document, row_labels, write_results  # noqa: E402
 from peft_softmix.template_sets import TemplateSetError, load_templates  # noqa: E402
 from peft_softmix.tokenization import encode_query, object_token_id, template_layout  # noqa: E402
-from peft_softmix.trainer import RelationTrainer  # noqa: E402
+from peft_softmix.trainer import RelationTrainer, TrainResult  # noqa: E402
 from peft_softmix.training import train_relation, trained_label  # noqa: E402
 from peft_softmix.training_args import TrainingArguments  # noqa: E402
 
@@ -85,7 +91,25 @@ DEFAULT_MODEL = REPO_ROOT / "examples" / "probe_lm"
 DEFAULT_COMMON_VOCAB = SAMPLE_DIR / "vocab" / "common_vocab_cased.txt"
 
 INITS = ("manual", "mined", "paraphrase", "random")
-PEFT_PEERS = ("peft_prompt_tuning", "peft_p_tuning")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One PEFT peer: its row name, its PEFT method and how its prompt starts (the learning rate is swept)."""
+
+    name: str
+    method: str  # "prompt_tuning" or "p_tuning"
+    init: str | None = None  # prompt tuning's start: "text" (the manual template's words) or "sample_vocab"
+
+
+PEERS = (
+    Peer("peft_prompt_tuning", "prompt_tuning", "text"),
+    Peer("peft_prompt_tuning_vocab", "prompt_tuning", "sample_vocab"),
+    Peer("peft_p_tuning", "p_tuning"),
+)
+PEFT_PEERS = tuple(p.name for p in PEERS)
+
+
 # The per-relation table: the baselines, the paper's main rows and the peers.
 PER_RELATION_COLUMNS = [
     "majority", "manual", "mined_hard_mixture", "manual_soft", "random_soft", "soft_mixture", "soft_mixture_deep",
@@ -249,9 +273,24 @@ class ManualTemplateCollator:
         }
 
 
-def peer_config(name: str, num_virtual_tokens: int, token_dim: int):
+def template_words(template: str) -> str:
+    """The words of a hard template without its slots and lone punctuation: ``"[X] is located in [Y] ."`` ->
+    ``"is located in"`` (prompt tuning's TEXT start)."""
+    words = [w for w in template.replace("[X]", " ").replace("[Y]", " ").split() if any(c.isalnum() for c in w)]
+    return " ".join(words) or template
+
+
+def peer_config(peer: Peer, num_virtual_tokens: int, token_dim: int, template: str, tokenizer_path: str):
     # FEATURE_EXTRACTION: PEFT prepends the prompt and returns the base model's own output (the MLM logits)
-    if name == "peft_prompt_tuning":
+    if peer.method == "prompt_tuning" and peer.init == "text":
+        return PromptTuningConfig(
+            task_type=TaskType.FEATURE_EXTRACTION,
+            num_virtual_tokens=num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT,  # PEFT repeats or cuts the text's tokens to the prompt length
+            prompt_tuning_init_text=template_words(template),
+            tokenizer_name_or_path=tokenizer_path,
+        )
+    if peer.method == "prompt_tuning":
         return PromptTuningConfig(
             task_type=TaskType.FEATURE_EXTRACTION,
             num_virtual_tokens=num_virtual_tokens,
@@ -311,15 +350,16 @@ class PeftPeer(nn.Module):
 
 
 def train_peer(
-    name: str, args: argparse.Namespace, data: RelationData, tokenizer, candidates, accelerator
-) -> torch.Tensor:
-    """Train one PEFT peer on one relation with the library's loop (Adam, best dev P@1, patience); test ranks."""
+    peer: Peer, learning_rate: float, args: argparse.Namespace, data: RelationData, tokenizer, candidates, accelerator
+) -> TrainResult | None:
+    """Train one PEFT peer on one relation with the library's loop (Adam, best dev P@1, patience) at
+    ``learning_rate``; None when the loss stopped being finite (that learning rate is out of the sweep)."""
     set_seed(args.seed)
     base = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path)
     token_dim = base.get_input_embeddings().embedding_dim
-    peer = get_peft_model(base, peer_config(name, args.num_virtual_tokens, token_dim))
-    model = PeftPeer(peer, candidates).to(accelerator.device)
     template = data.templates[0]
+    config = peer_config(peer, args.num_virtual_tokens, token_dim, template, args.model_name_or_path)
+    model = PeftPeer(get_peft_model(base, config), candidates).to(accelerator.device)
 
     def collator(facts):
         return ManualTemplateCollator(tokenizer, template, list(facts), args.num_virtual_tokens)
@@ -332,13 +372,79 @@ def train_peer(
     trainer = RelationTrainer(
         model,
         data.splits,
-        training_arguments(args),
+        replace(training_arguments(args), learning_rate=learning_rate),
         accelerator,
-        name=f"{name} {data.relation}",
+        name=f"{peer.name} lr {learning_rate:g} {data.relation}",
         tokenizer=tokenizer,
         collator=collator,
     )
-    return trainer.train().test.mixture
+    try:
+        return trainer.train()
+    except TrainingDiverged as error:
+        print(error)
+        return None
+
+
+@dataclass
+class SweepPoint:
+    """One peer at one learning rate, over the relations: each relation's kept run (None: diverged)."""
+
+    learning_rate: float
+    runs: dict[str, TrainResult | None]
+
+    @property
+    def diverged(self) -> list[str]:
+        return [rel for rel, run in self.runs.items() if run is None]
+
+    @property
+    def dev_macro_p1(self) -> float:
+        """Macro dev P@1 of the kept states (NaN when a relation diverged: never chosen)."""
+        if self.diverged:
+            return math.nan
+        return sum(run.best_dev_p1 for run in self.runs.values() if run is not None) / len(self.runs)
+
+
+def best_point(points: list[SweepPoint]) -> SweepPoint:
+    """The learning rate with the best macro dev P@1 (the first of equals); one learning rate for all relations."""
+    usable = [p for p in points if not p.diverged]
+    if not usable:
+        raise RuntimeError("Every learning rate of the peer sweep diverged; add smaller --peer_learning_rates.")
+    return max(usable, key=lambda p: p.dev_macro_p1)
+
+
+def sweep_peer(
+    peer: Peer, args, data: dict[str, RelationData], tokenizer, candidates, accelerator
+) -> list[SweepPoint]:
+    return [
+        SweepPoint(
+            lr, {rel: train_peer(peer, lr, args, d, tokenizer, candidates, accelerator) for rel, d in data.items()}
+        )
+        for lr in args.peer_learning_rates
+    ]
+
+
+def sweep_table(sweeps: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "The PEFT peers' learning-rate sweep: macro P@1 in %, dev (of the kept epoch) and test; the row kept for each "
+        "peer is the learning rate with the best macro dev P@1 (one learning rate for all relations).",
+        "",
+        "| peer | init | learning rate | dev macro P@1 | test macro P@1 | test micro P@1 | kept |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for name, sweep in sweeps.items():
+        for point in sweep["points"]:
+            test = point.get("test")
+            cells = [
+                name,
+                sweep["init"] or "–",
+                f"{point['learning_rate']:g}",
+                "diverged" if point["diverged"] else pct(point["dev_macro_p@1"]),
+                pct(test["overall"]["macro_p@1"]) if test else "–",
+                pct(test["overall"]["micro_p@1"]) if test else "–",
+                "**kept**" if point["learning_rate"] == sweep["kept_learning_rate"] else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def majority_ranks(data) -> torch.Tensor:
@@ -471,6 +577,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--eval_batch_size", type=int, default=128)
     parser.add_argument("--num_virtual_tokens", type=int, default=5, help="PEFT peers' prompt length.")
+    parser.add_argument(
+        "--peer_learning_rates",
+        type=float,
+        nargs="+",
+        default=[1e-3, 1e-2, 1e-1, 3e-1],
+        help="The PEFT peers' learning-rate sweep; each peer keeps the one with the best macro dev P@1.",
+    )
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--max_eval_samples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=42)
@@ -478,6 +591,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="2 epochs, first 300 dev/test facts per relation, no paraphrase init, deep single prompt only manual.",
+    )
+    parser.add_argument(
+        "--peers_only",
+        action="store_true",
+        help="Only the majority baseline and the PEFT peers' sweep (tune the peers without the grid).",
     )
     parser.add_argument("--output_dir", default="out/accuracy")
     parser.add_argument("--verbose", action="store_true", help="Show each run's own output and progress bars.")
@@ -505,7 +623,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metric = load_fact_retrieval(keep_in_memory=True)
     methods: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
-    settings = grid_settings(args, relations)
+    settings = [] if args.peers_only else grid_settings(args, relations)
 
     def progress(name: str, seconds: float) -> None:
         macro = methods[name]["overall"]["macro_p@1"] if name in methods else math.nan
@@ -520,13 +638,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         common_words, candidates, _ = candidate_mask(tokenizer, args.common_vocab, vocab_size)
     data = {rel: relation_data(args, rel, tokenizer, "manual", 1, common_words) for rel in relations}
     methods["majority"] = scores_from_ranks(metric, {rel: majority_ranks(d) for rel, d in data.items()})
-    for name in PEFT_PEERS:
+    sweeps: dict[str, dict[str, Any]] = {}
+    for peer in PEERS:
         t0 = time.time()
-        with quiet(out / "runs" / name / "log.txt", args.verbose):
-            ranks = {rel: train_peer(name, args, d, tokenizer, candidates, accelerator) for rel, d in data.items()}
-        methods[name] = scores_from_ranks(metric, ranks)
-        timings[name] = time.time() - t0
-        progress(name, timings[name])
+        with quiet(out / "runs" / peer.name / "log.txt", args.verbose):
+            points = sweep_peer(peer, args, data, tokenizer, candidates, accelerator)
+        kept = best_point(points)
+        summary = []
+        for point in points:
+            entry: dict[str, Any] = {
+                "learning_rate": point.learning_rate,
+                "diverged": point.diverged,
+                "dev_macro_p@1": point.dev_macro_p1,
+            }
+            if not point.diverged:
+                test_ranks = {rel: run.test.mixture for rel, run in point.runs.items() if run is not None}
+                entry["test"] = scores_from_ranks(metric, test_ranks)
+                entry["best_epochs"] = {rel: run.best_epoch for rel, run in point.runs.items() if run is not None}
+            summary.append(entry)
+        sweeps[peer.name] = {"method": peer.method, "init": peer.init, "points": summary}
+        sweeps[peer.name]["kept_learning_rate"] = kept.learning_rate
+        methods[peer.name] = next(e["test"] for e in summary if e["learning_rate"] == kept.learning_rate)
+        timings[peer.name] = time.time() - t0
+        progress(peer.name, timings[peer.name])
 
     for setting in settings:
         t0 = time.time()
@@ -540,7 +674,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             methods[setting.hard_mixture] = scores_of(results, "hard_mixture")
         timings[setting.name] = time.time() - t0
         progress(setting.name, timings[setting.name])
-    methods["optiprompt_single_soft"] = methods["manual_soft"]  # the same run: manual init, one prompt, no mixture
+    if "manual_soft" in methods:
+        methods["optiprompt_single_soft"] = methods["manual_soft"]  # the same run: manual init, one prompt, no mixture
 
     order = [
         "majority", "manual", "mined", "paraphrase", "manual_hard_mixture", "mined_hard_mixture",
@@ -548,7 +683,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "paraphrase_soft", "paraphrase_soft_deep", "random_soft", "random_soft_deep", "manual_soft_mixture",
         "manual_soft_mixture_deep", "soft_mixture", "soft_mixture_deep", "paraphrase_soft_mixture",
         "paraphrase_soft_mixture_deep", "random_soft_mixture", "random_soft_mixture_deep",
-        "optiprompt_single_soft", "lpaqa_weighted_ensemble", "peft_prompt_tuning", "peft_p_tuning",
+        "optiprompt_single_soft", "lpaqa_weighted_ensemble", *PEFT_PEERS,
     ]  # fmt: skip
     methods = {name: methods[name] for name in order if name in methods}
     macro = {name: scores["overall"]["macro_p@1"] for name, scores in methods.items()}
@@ -563,6 +698,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "seconds_per_method": timings,
         "torch_threads": torch.get_num_threads(),
         "methods": methods,
+        "peer_sweeps": sweeps,
         "targets": targets,
         "macro_p@1": macro,
     }
@@ -576,9 +712,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print()
     print(methods_table(methods))
     print()
-    print(grid_table(methods, inits))
+    if inits:
+        print(grid_table(methods, inits))
     print()
     print(per_relation_table(methods, PER_RELATION_COLUMNS))
+    print()
+    print(sweep_table(sweeps))
     print()
     for t in targets:
         print(f"target {t['target']}: {pct(t['value'])} vs {pct(t['goal'])}: {'met' if t['met'] else 'NOT met'}")

@@ -1,0 +1,119 @@
+"""The accuracy benchmarks' own parts: the PEFT peers' tuning, and ranking objects of any length (#17)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_script, tiny_bert
+from factories import wordpiece_tokenizer
+from peft import get_peft_model
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from peft_softmix.objects import object_tokens
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    return load_script(REPO_ROOT / "benchmarks" / "accuracy.py")
+
+
+@pytest.fixture(scope="module")
+def multi_token():
+    return load_script(REPO_ROOT / "benchmarks" / "accuracy_multi_token.py")
+
+
+@pytest.fixture(scope="module")
+def subword_dir(tmp_path_factory) -> str:
+    """A tiny BERT whose WordPiece vocabulary spells most objects in several pieces (single characters)."""
+    path = wordpiece_tokenizer(tmp_path_factory.mktemp("subword"))
+    tiny_bert(vocab_size=len(AutoTokenizer.from_pretrained(path))).save_pretrained(path)
+    return path
+
+
+def test_template_words_drop_the_slots_and_lone_punctuation(accuracy):
+    assert accuracy.template_words("[X] is located in [Y] .") == "is located in"
+    assert accuracy.template_words("The capital of [X] is [Y] .") == "The capital of is"
+
+
+def test_prompt_tuning_text_start_is_the_manual_template_words_embeddings(accuracy, subword_dir):
+    base = AutoModelForMaskedLM.from_pretrained(subword_dir)
+    tokenizer = AutoTokenizer.from_pretrained(subword_dir)
+    peer = next(p for p in accuracy.PEERS if p.init == "text")
+    config = accuracy.peer_config(peer, 4, 32, "[X] is located in [Y] .", subword_dir)
+    model = get_peft_model(base, config)
+    prompt = model.get_prompt_embedding_to_save("default")
+    ids = tokenizer("is located in")["input_ids"][:4]  # PEFT's TEXT start: the text's ids, cut to the length
+    assert torch.allclose(prompt, base.get_input_embeddings().weight[ids])
+
+
+def test_the_sweep_keeps_the_learning_rate_with_the_best_macro_dev_p1(accuracy):
+    def run(dev_p1: float):
+        return accuracy.TrainResult(1, dev_p1, 1, False, [], None, None)
+
+    points = [
+        accuracy.SweepPoint(1e-3, {"a": run(0.2), "b": run(0.4)}),  # macro 0.3
+        accuracy.SweepPoint(1e-2, {"a": run(0.5), "b": run(0.3)}),  # macro 0.4
+        accuracy.SweepPoint(1e-1, {"a": run(0.9), "b": None}),  # diverged on b: never kept
+    ]
+    assert math.isnan(points[2].dev_macro_p1) and points[2].diverged == ["b"]
+    assert accuracy.best_point(points).learning_rate == 1e-2
+    with pytest.raises(RuntimeError, match="diverged"):
+        accuracy.best_point(points[2:])
+
+
+def test_peer_scores_a_two_token_candidate_by_the_sum_of_its_mask_log_probs(accuracy, multi_token, subword_dir):
+    """Oracle: the frozen model fed the prompt's vectors then the words' embeddings, by hand."""
+    tokenizer = AutoTokenizer.from_pretrained(subword_dir)
+    base = AutoModelForMaskedLM.from_pretrained(subword_dir).eval()
+    peer = next(p for p in accuracy.PEERS if p.init == "sample_vocab")
+    torch.manual_seed(0)
+    model = get_peft_model(base, accuracy.peer_config(peer, 3, 32, "[X] was born in [Y] .", subword_dir)).eval()
+    scorer = multi_token.PeerScorer(model, tokenizer, "[X] was born in [Y] .", 3, batch_size=2)
+    candidates = ["Paris", "Rome", "Oslo"]
+    tokens = [object_tokens(tokenizer, c) for c in candidates]
+    assert len({len(t) for t in tokens}) > 1  # lengths differ: one forward per length
+    scores = scorer.scores(["Dante", "Kant", "Bo"], candidates)
+    prompt = model.get_prompt_embedding_to_save("default")
+    for b, subject in enumerate(["Dante", "Kant", "Bo"]):
+        for c, ids in enumerate(tokens):
+            text = f"{subject} was born in " + " ".join([tokenizer.mask_token] * len(ids)) + " ."
+            enc = tokenizer(text, return_tensors="pt")
+            embeds = torch.cat([prompt[None], base.get_input_embeddings()(enc["input_ids"])], dim=1)
+            with torch.no_grad():
+                log_probs = base(inputs_embeds=embeds).logits.log_softmax(-1)[0, 3:]
+            masks = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero().squeeze(1)
+            expected = sum(float(log_probs[m, t]) for m, t in zip(masks, ids))
+            assert float(scores[b, c]) == pytest.approx(expected, abs=1e-4)
+    scorer.length_normalized = True  # log p(c|x) per token
+    lengths = torch.tensor([len(t) for t in tokens], dtype=torch.float)
+    assert torch.allclose(scorer.scores(["Dante", "Kant", "Bo"], candidates), scores / lengths, atol=1e-5)
+
+
+def test_multi_token_benchmark_reports_every_row_split_by_object_length(multi_token, subword_dir, tmp_path):
+    argv = [
+        "--model_name_or_path", subword_dir, "--relations", "P36", "--max_train_samples", "12",
+        "--max_eval_samples", "10", "--num_train_epochs", "1", "--batch_size", "8",
+        "--peer_learning_rates", "0.01", "0.1", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    report = multi_token.main(argv)
+    decoding = ["xfactr_decoding"] if multi_token.decoding_available() else []
+    rows = [r.name for r in multi_token.SOFT_ROWS] + decoding + [p.name for p in multi_token.PEERS]
+    assert list(report["methods"]) == rows
+    facts = report["test_facts"]
+    assert facts["multi"] > 0 and facts["single"] + facts["multi"] == facts["all"] == 10
+    for name in rows:
+        for subset in ("all", "single", "multi"):
+            scores = report["methods"][name][subset]["overall"]
+            assert 0.0 <= scores["macro_p@1"] <= scores["macro_p@10"] <= 1.0
+    for name, sweep in report["peer_sweeps"].items():
+        dev = {p["learning_rate"]: p["dev_macro_p@1"] for p in sweep["points"]}
+        assert sweep["kept_learning_rate"] == max(dev, key=dev.__getitem__), name
+        kept = next(p for p in sweep["points"] if p["learning_rate"] == sweep["kept_learning_rate"])
+        assert report["methods"][name] == kept["test"]
+    assert len(report["targets"]) == 4
+    assert (tmp_path / "accuracy_multi_token.json").is_file()
