@@ -3,6 +3,7 @@
 A batch holds one row per (fact, template) (`encode`), so facts of different adapters, with different numbers of
 templates K, share it. `FactGroups` is that grouping, known on the host from each fact's adapter; `mix_rows` mixes
 each fact's rows, log p(y|x) = logsumexp_k(log pi_k + log p_k(y|x)), and `mixture_loss` is the mean of -log p(y|x).
+`mix_logits` is the same mixture straight from the rows' logits, for a forward pass that needs no gradient.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import torch.nn.functional as F
 
 from .processing import IGNORE_INDEX
 
-__all__ = ["FactGroups", "mix_rows", "mix_templates", "mixture_loss"]
+__all__ = ["FactGroups", "mix_logits", "mix_rows", "mix_templates", "mixture_loss"]
+
+# `mix_logits` mixes in probability space, where a term below about 2**-126 loses its precision (float32): a mixed
+# value under this bound, relative to its fact's largest term, is recomputed in log space
+_UNDERFLOW = 2.0**-100
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,52 @@ def mix_rows(per_row: torch.Tensor, log_weights: torch.Tensor, groups: FactGroup
     dense = per_row.new_full((B * Kmax, *rest), float("-inf")).index_copy(0, index, per_row)
     weights = log_weights.new_full((B * Kmax,), float("-inf")).index_copy(0, index, log_weights)
     return torch.logsumexp(dense.view(B, Kmax, *rest) + weights.view(B, Kmax, *(1,) * len(rest)), dim=1)
+
+
+def mix_logits(
+    logits: torch.Tensor,
+    log_weights: torch.Tensor,
+    groups: FactGroups,
+    candidate_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`mix_rows` of ``log_softmax(logits)``, for logits ``[N, V]`` that need no gradient: ``[B, V]``.
+
+    The log-softmax and the logsumexp over ``[B, K, V]`` are about five passes over the batch's ``N x V`` floats and
+    dominated evaluation after the frozen model (docs/performance.md). Here each row's probabilities are mixed in
+    probability space instead: with ``e_k = exp(logits_k - max logits_k)`` and ``S_k`` its sum,
+    ``p(y) = sum_k pi_k e_k(y) / S_k``, one weighted sum per fact (a batched matrix product), scaled by the fact's
+    largest ``pi_k / S_k`` so that nothing overflows. Equal to `mix_rows` up to float32 rounding; a value so small that
+    its terms underflow (``log p`` some 69 below the fact's best) is recomputed in log space for its fact, so the
+    tail of the distribution, and every rank, stays exact. ``candidate_mask`` (``[V]`` bool) marks the tokens that
+    ``logits`` did not set to -inf: only those are checked.
+    """
+    N = logits.shape[0]
+    B, K = groups.num_facts, groups.uniform
+    row_weights = log_weights if log_weights.shape[0] == N else log_weights.repeat(B)
+    e = torch.sub(logits, logits.amax(1, keepdim=True)).exp_()
+    coef_log = row_weights - e.sum(1).log()  # log(pi_k / S_k)
+    if K is not None:
+        shift = coef_log.view(B, K).amax(1)
+        coef = (coef_log.view(B, K) - shift[:, None]).exp_()
+        mixed = torch.bmm(coef.unsqueeze(1), e.view(B, K, -1)).squeeze(1)
+    else:
+        shift = coef_log.new_full((B,), float("-inf")).scatter_reduce_(0, groups.fact_index, coef_log, "amax")
+        coef = (coef_log - shift.index_select(0, groups.fact_index)).exp_()
+        mixed = e.new_zeros(B, e.shape[1]).index_add_(0, groups.fact_index, e.mul_(coef[:, None]))
+    tiny = mixed < _UNDERFLOW
+    if candidate_mask is not None:
+        tiny &= candidate_mask.to(tiny.device)
+    out = mixed.log_().add_(shift[:, None])
+    redo = tiny.any(1)
+    if bool(redo.any()):  # the caller reads these values on the host next: the wait costs little
+        facts = redo.nonzero().squeeze(1)
+        rows = redo.index_select(0, groups.fact_index).nonzero().squeeze(1)
+        sizes = torch.tensor([groups.sizes[b] for b in facts.tolist()], device=logits.device)
+        sub = FactGroups(
+            tuple(sizes.tolist()), torch.arange(len(sizes), device=logits.device).repeat_interleave(sizes)
+        )
+        out[facts] = mix_rows(torch.log_softmax(logits[rows], dim=-1), row_weights[rows], sub)
+    return out
 
 
 def mixture_loss(

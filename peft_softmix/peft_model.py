@@ -31,7 +31,7 @@ from .architectures import (
 from .config import SoftMixtureConfig, naming_config_file
 from .hooks import deep_prompt_hooks, gather_mask_positions, soft_word_embeddings
 from .inputs import check_forward_kwargs
-from .mixture import mix_rows, mix_templates, mixture_loss
+from .mixture import mix_logits, mix_rows, mix_templates, mixture_loss
 from .model import SoftMixtureModel
 from .processing import IGNORE_INDEX, SoftMixtureProcessor, encode_facts
 from .routing import hard_route, resolve_adapter_names, route
@@ -333,11 +333,17 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         logits = logits.float()
         if candidate_mask is not None:
             logits = logits.masked_fill(~candidate_mask.to(logits.device), float("-inf"))
-        template_log_probs = torch.log_softmax(logits, dim=-1)
-        log_weights = path.log_weights.to(template_log_probs.device)
-        log_probs = mix_rows(template_log_probs, log_weights, path.groups) if return_log_probs else None
+        log_weights = path.log_weights.to(logits.device)
+        # without a gradient, the mixture comes straight from the logits (mix_logits: fewer passes over [N, V])
+        direct = return_log_probs and not logits.requires_grad
+        log_probs = mix_logits(logits, log_weights, path.groups, candidate_mask) if direct else None
+        template_log_probs = None
+        if return_template_log_probs or labels is not None or (return_log_probs and not direct):
+            template_log_probs = torch.log_softmax(logits, dim=-1)
+            if return_log_probs and not direct:
+                log_probs = mix_rows(template_log_probs, log_weights, path.groups)
         loss = None
-        if labels is not None:
+        if labels is not None and template_log_probs is not None:
             loss = mixture_loss(template_log_probs, labels, log_weights, path.groups, kwargs.get("num_items_in_batch"))
         out = SoftMixtureOutput(
             loss=loss,
