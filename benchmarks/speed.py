@@ -743,7 +743,7 @@ class Bench:
         n_facts = hits = counted = too_long = 0
         setup_s = encode_s = 0.0
         synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for relation in relations:
             facts = self.test_facts(relation, per_relation)
             t0 = time.perf_counter()
@@ -776,11 +776,12 @@ class Bench:
                     counted += int(keep.sum())
             n_facts += len(facts)
         synchronize(device)
-        total = time.perf_counter() - start
+        total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         del tokenizer
         return {
             "facts": n_facts,
             "seconds": total,
+            "process_cpu_s": cpu,
             "adapter_setup_s": setup_s,
             "skipped_longer_than_model": too_long,
             "encode_s": encode_s,
@@ -798,7 +799,7 @@ class Bench:
         assert self.trex_model_cache is not None, "call trex_model() first"
         base, tok_dir, what = self.trex_model_cache
         synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         pm: PeftModelForSoftMixture | None = None
         facts: list[tuple[str, str]] = []
         names: list[str] = []
@@ -842,10 +843,11 @@ class Bench:
                 hits += int(((log_probs[keep] > gold).sum(1) == 0).sum())
                 counted += int(keep.sum())
         synchronize(device)
-        total = time.perf_counter() - start
+        total, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         return {
             "facts": len(facts),
             "seconds": total,
+            "process_cpu_s": cpu,
             "adapter_setup_s": setup_s,
             "skipped_longer_than_model": len(facts) - len(fits),
             "encode_s": encode_s,

@@ -335,7 +335,7 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
             logits = logits.masked_fill(~candidate_mask.to(logits.device), float("-inf"))
         log_weights = path.log_weights.to(logits.device)
         # without a gradient, the mixture comes straight from the logits (mix_logits: fewer passes over [N, V])
-        direct = return_log_probs and not logits.requires_grad
+        direct = return_log_probs and not (logits.requires_grad or log_weights.requires_grad)
         log_probs = mix_logits(logits, log_weights, path.groups, candidate_mask) if direct else None
         template_log_probs = None
         if return_template_log_probs or labels is not None or (return_log_probs and not direct):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_softmix.mixture import FactGroups, mix_logits, mix_rows
+from peft_softmix.mixture import FactGroups, _chunks, mix_logits, mix_rows
 
 
 def groups_of(sizes: list[int]) -> FactGroups:
@@ -16,16 +16,27 @@ def reference(logits: torch.Tensor, log_weights: torch.Tensor, groups: FactGroup
     return mix_rows(torch.log_softmax(logits, dim=-1), log_weights, groups)
 
 
-@pytest.mark.parametrize("sizes", [[5, 5, 5], [1, 1], [3, 5, 1, 2]], ids=["uniform", "one-template", "mixed-k"])
-def test_mix_logits_is_the_log_space_mixture(sizes):
+@pytest.mark.parametrize("vocab", [300, 60_000], ids=["one-chunk", "chunks"])  # 60,000: 4 rows per 1 MiB chunk
+@pytest.mark.parametrize("sizes", [[5, 5, 5], [1, 1], [3, 5, 1, 2, 1, 1]], ids=["uniform", "one-template", "mixed-k"])
+def test_mix_logits_is_the_log_space_mixture(sizes, vocab):
     torch.manual_seed(0)
     groups = groups_of(sizes)
-    logits = torch.randn(sum(sizes), 300) * 4
+    logits = torch.randn(sum(sizes), vocab) * 4
     row_weights = torch.cat([torch.log_softmax(torch.randn(k), 0) for k in sizes])
     torch.testing.assert_close(mix_logits(logits, row_weights, groups), reference(logits, row_weights, groups))
     if len(set(sizes)) == 1:  # one adapter: [K] weights shared by every fact
         shared = row_weights[: sizes[0]]
         torch.testing.assert_close(mix_logits(logits, shared, groups), reference(logits, shared, groups))
+
+
+def test_chunks_cover_every_fact_once_in_order():
+    for sizes, per_chunk in [((5, 5, 5), 10), ((3, 5, 1, 2, 1, 1), 4), ((2,), 1), ((1, 1, 1), 100)]:
+        chunks = _chunks(sizes, per_chunk)
+        assert [c[0] for c in chunks] == [0] + [c[1] for c in chunks[:-1]] and chunks[-1][1] == len(sizes)
+        for first, end, first_row, end_row in chunks:
+            assert first_row == sum(sizes[:first]) and end_row == sum(sizes[:end])
+            assert end_row - first_row <= per_chunk or end == first + 1  # a fact larger than a chunk goes alone
+    assert _chunks((5, 5, 5), 10) == [(0, 2, 0, 10), (2, 3, 10, 15)]
 
 
 def test_mix_logits_keeps_the_far_tail_exact():
