@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -96,11 +97,17 @@ def relation_facts(data_dir: Path, relation: str, split: str) -> list[tuple[str,
     ]
 
 
+@functools.cache
+def template_rows(path: Path) -> tuple[dict[str, Any], ...]:
+    """A template file's rows, read once per process (the T-REx runs ask for 41 relations' templates)."""
+    return tuple(read_jsonl(path))
+
+
 def relation_templates(data_dir: Path, relation: str, k: int) -> list[str]:
     """The LAMA manual template, then LPAQA mined and paraphrased ones, without repeats: the first ``k``."""
     seen: dict[str, None] = {}
     for name in ("lama", "lpaqa_mined", "lpaqa_paraphrase"):
-        for row in read_jsonl(data_dir / "templates" / f"{name}.jsonl"):
+        for row in template_rows(data_dir / "templates" / f"{name}.jsonl"):
             template = row["template"]
             if row["relation"] == relation and template.count("[X]") == 1 and template.count("[Y]") == 1:
                 seen.setdefault(" ".join(template.split()), None)
@@ -803,8 +810,9 @@ class Bench:
         pm: PeftModelForSoftMixture | None = None
         facts: list[tuple[str, str]] = []
         names: list[str] = []
+        by_relation: dict[str, list[tuple[str, str]]] = {}
         for relation in relations:
-            rel_facts = self.test_facts(relation, per_relation)
+            rel_facts = by_relation[relation] = self.test_facts(relation, per_relation)
             pm = self.with_relation_adapter(pm, base, relation, tok_dir)
             facts += rel_facts
             names += [relation] * len(rel_facts)
@@ -813,10 +821,11 @@ class Bench:
         setup_s = time.perf_counter() - start
         t1 = time.perf_counter()
         lengths: list[int] = []
-        for relation in relations:  # one batch call of the tokenizer per relation, cached for encode
-            lengths += pm.get_processor(relation).query_lengths(
-                [s for (s, _), n in zip(facts, names) if n == relation]
-            )
+        gold_ids: list[int] = []  # each fact's object token id (-100: not one token)
+        for relation, rel_facts in by_relation.items():  # one batch call of the tokenizer per relation, cached
+            processor = pm.get_processor(relation)
+            lengths += processor.query_lengths([s for s, _ in rel_facts])
+            gold_ids += [-100 if t is None else t for t in processor.object_ids([o for _, o in rel_facts])]
         limit = pm.max_query_length
         fits = [i for i, n in enumerate(lengths) if limit is None or n <= limit]
         order = sorted(fits, key=lengths.__getitem__)
@@ -828,14 +837,7 @@ class Bench:
                 chunk_names = [names[j] for j in chunk]
                 t2 = time.perf_counter()
                 batch = pm.encode([facts[j][0] for j in chunk], device=device, adapter_names=chunk_names)
-                labels = torch.tensor(
-                    [
-                        t if t is not None else -100
-                        for j in chunk
-                        for t in pm.get_processor(names[j]).object_ids([facts[j][1]])
-                    ],
-                    device=device,
-                )
+                labels = torch.tensor([gold_ids[j] for j in chunk], device=device)
                 encode_s += time.perf_counter() - t2
                 log_probs = pm(**batch, adapter_names=chunk_names).log_probs
                 keep = labels >= 0

@@ -21,7 +21,7 @@ __all__ = ["FactGroups", "mix_logits", "mix_rows", "mix_templates", "mixture_los
 # value under this bound, relative to its fact's largest term, is recomputed in log space
 _UNDERFLOW = 2.0**-100
 # the scratch buffer of `mix_logits` on a CPU: a few facts' rows, small enough to stay in the core's cache
-_CHUNK_BYTES = 1 << 20
+_CHUNK_BYTES = 1 << 22
 
 
 @dataclass(frozen=True)
