@@ -90,3 +90,15 @@ def reference_of(out) -> torch.Tensor:
     K = out.template_log_probs.shape[0] // 3
     per = out.template_log_probs.view(3, K, -1) + out.log_weights.view(3, K, 1)
     return torch.logsumexp(per, dim=1)
+
+
+def test_mix_logits_stays_in_float32_under_autocast():
+    # evaluation under bf16 autocast (Accelerate's mixed precision) still mixes in float32, as log_softmax does
+    torch.manual_seed(3)
+    groups = groups_of([5, 5])
+    logits = torch.randn(10, 300) * 4
+    weights = torch.log_softmax(torch.randn(5), 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = mix_logits(logits, weights, groups)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference(logits, weights, groups), atol=1e-5, rtol=0)
