@@ -11,17 +11,18 @@ once and kept as a ready ``[T, 2]`` tensor of (input id, role), and a batch is t
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import warnings
-from collections import OrderedDict
-from collections.abc import Hashable, Sequence
-from typing import Any, Generic, NamedTuple, TypeVar, cast
+from collections.abc import Sequence
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
+from .cache import BoundedCache
 from .errors import QueryTooLongError
 from .inputs import BATCH_KEYS, check_objects, check_subjects
 from .tokenization import (
@@ -50,46 +51,6 @@ DEFAULT_CACHE_SIZE = 65_536
 
 class DroppedObjectsWarning(UserWarning):
     """Objects that are not one token of the tokenizer were labelled -100 (the loss and metrics skip them)."""
-
-
-KT = TypeVar("KT", bound=Hashable)
-VT = TypeVar("VT")
-
-
-class BoundedCache(Generic[KT, VT]):
-    """A dict that keeps at most ``max_size`` entries, dropping the least recently used one first."""
-
-    def __init__(self, max_size: int) -> None:
-        if not isinstance(max_size, int) or max_size < 1:
-            raise ValueError(f"A cache needs a max_size of at least 1, got {max_size!r}.")
-        self.max_size = max_size
-        self._entries: OrderedDict[KT, VT] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
-
-    def __getitem__(self, key: KT) -> VT:
-        value = self._entries[key]
-        self._entries.move_to_end(key)
-        return value
-
-    def get(self, key: KT) -> VT | None:
-        value = self._entries.get(key)
-        if value is not None:
-            self._entries.move_to_end(key)
-        return value
-
-    def __setitem__(self, key: KT, value: VT) -> None:
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        if len(self._entries) > self.max_size:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 class _CachedQuery(NamedTuple):
@@ -185,12 +146,16 @@ class SoftMixtureProcessor:
             return
         check_special_tokens(self.tokenizer, dict.fromkeys(s for _, s in missing))
         encoded = encode_queries(self.tokenizer, [(self.layouts[k], s) for k, s in missing])
-        for (k, subject), query in zip(missing, encoded):
-            # template words numbered as rows of `soft_words` here, once per query, not in every forward
-            start = self._word_starts[k]
-            numbered = [role + start if role >= 0 else role for role in query.roles]
-            row = torch.tensor([query.input_ids, numbered], dtype=torch.long).T
-            self._queries[(k, subject)] = _CachedQuery(query, row)
+        # the rows of the whole call as views of one [sum T, 2] tensor: one conversion, not one per query
+        lengths = [len(query.input_ids) for query in encoded]
+        chain = itertools.chain.from_iterable
+        ids = torch.tensor(list(chain(query.input_ids for query in encoded)), dtype=torch.long)
+        roles = torch.tensor(list(chain(query.roles for query in encoded)), dtype=torch.long)
+        # template words numbered as rows of `soft_words` here, once per query, not in every forward
+        starts = torch.tensor([self._word_starts[k] for k, _ in missing]).repeat_interleave(torch.tensor(lengths))
+        rows = torch.stack([ids, torch.where(roles >= 0, roles + starts, roles)], dim=1)
+        for key, query, row in zip(missing, encoded, rows.split(lengths)):
+            self._queries[key] = _CachedQuery(query, row)
 
     def encoded_query(self, k: int, subject: str) -> EncodedQuery:
         """Template ``k`` filled with ``subject``, tokenised once (while cached) for `encode` and `query_lengths`."""

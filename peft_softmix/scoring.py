@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import ModelOutput
 
-from .mixture import mix_rows, mixture_loss
+from .mixture import mix_logits, mix_rows, mixture_loss
 from .processing import IGNORE_INDEX
 from .routing import Route
 
@@ -60,11 +60,17 @@ def vocabulary_head(
     logits = logits.float()
     if candidate_mask is not None:
         logits = logits.masked_fill(~candidate_mask.to(logits.device), float("-inf"))
-    template_log_probs = torch.log_softmax(logits, dim=-1)
-    log_weights = path.log_weights.to(template_log_probs.device)
-    log_probs = mix_rows(template_log_probs, log_weights, path.groups) if return_log_probs else None
+    log_weights = path.log_weights.to(logits.device)
+    # without a gradient, the mixture comes straight from the logits (mix_logits: fewer passes over [N, V])
+    direct = return_log_probs and not (logits.requires_grad or log_weights.requires_grad)
+    log_probs = mix_logits(logits, log_weights, path.groups, candidate_mask) if direct else None
+    template_log_probs = None
+    if return_template_log_probs or labels is not None or (return_log_probs and not direct):
+        template_log_probs = torch.log_softmax(logits, dim=-1)
+        if return_log_probs and not direct:
+            log_probs = mix_rows(template_log_probs, log_weights, path.groups)
     loss = None
-    if labels is not None:
+    if labels is not None and template_log_probs is not None:
         loss = mixture_loss(template_log_probs, labels, log_weights, path.groups, num_items_in_batch)
     N = logits.shape[0]
     return SoftMixtureOutput(

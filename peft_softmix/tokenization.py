@@ -9,12 +9,15 @@ SentencePiece tokenizers all honest about spaces and merges.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 from weakref import WeakKeyDictionary
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from .errors import TemplateError
@@ -117,25 +120,24 @@ def _fill(template: str, subject: str, mask: str, glue: bool = False) -> tuple[s
     space before ``[Y]`` goes (the object's tokens bring their own)."""
     if glue:
         template = template.replace(" " + OBJECT_SLOT, OBJECT_SLOT, 1)
+    before, first, between, _, after = _slots(template)
+    if first == SUBJECT_SLOT:
+        subject_start, mask_start = len(before), len(before) + len(subject) + len(between)
+        text = before + subject + between + mask + after
+    else:
+        mask_start, subject_start = len(before), len(before) + len(mask) + len(between)
+        text = before + mask + between + subject + after
+    return text, (subject_start, subject_start + len(subject)), (mask_start, mask_start + len(mask))
+
+
+@functools.lru_cache(maxsize=4096)
+def _slots(template: str) -> tuple[str, str, str, str, str]:
+    """``template`` split around its two slots: text before, first slot, text between, second slot, text after."""
     parts = re.split(r"(\[X\]|\[Y\])", template)
-    text, subject_span, mask_span = "", (0, 0), (0, 0)
-    for part in parts:
-        start = len(text)
-        if part == SUBJECT_SLOT:
-            text += subject
-            subject_span = (start, len(text))
-        elif part == OBJECT_SLOT:
-            text += mask
-            mask_span = (start, len(text))
-        else:
-            text += part
-    return text, subject_span, mask_span
-
-
-def _overlaps(start: int, end: int, span: tuple[int, int]) -> bool:
-    if start == end:  # an empty-span token (e.g. a bare SentencePiece '▁') sits where it starts
-        return span[0] <= start < span[1]
-    return start < span[1] and span[0] < end
+    if len(parts) != 5:
+        validate_template(template)  # names what is wrong
+        raise TemplateError(f"Template {template!r} needs exactly one [X] and one [Y].")
+    return parts[0], parts[1], parts[2], parts[3], parts[4]
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,8 @@ def _encode_many(
             encodings = backend.encode_batch(texts)
         except Exception:  # not a tokenizers.Tokenizer after all: one text at a time
             return [_encode(tokenizer, facts, text) for text in texts]
-        return [(list(e.ids), [tuple(o) for o in e.offsets], list(e.special_tokens_mask)) for e in encodings]
+        # as the Rust encodings give them (fresh lists): `_placements` reads offsets as pairs of any kind
+        return [(e.ids, e.offsets, e.special_tokens_mask) for e in encodings]
     enc = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True)
     return [
         (list(ids), [tuple(o) for o in offsets], list(special))
@@ -222,43 +225,60 @@ def _encode_many(
     ]
 
 
-def _kinds(
+def _placements(
     facts: _TokenizerFacts,
-    text: str,
-    encoded: tuple[list[int], list[tuple[int, int]], list[int]],
-    subject_span: tuple[int, int],
-    mask_span: tuple[int, int],
+    filled: Sequence[tuple[str, tuple[int, int], tuple[int, int]]],
+    encoded: Sequence[tuple[list[int], Sequence[tuple[int, int]], list[int]]],
     tokenizer_name: str,
-) -> tuple[list[int], list[int], int]:
-    """Input ids, per-token kind (HARD/SUBJECT/MASK, or the template stretch 0..2) and the mask position."""
-    ids, offsets, special_mask = encoded
-    first_slot_start = min(subject_span[0], mask_span[0])
-    second_slot_start = max(subject_span[0], mask_span[0])
-    kinds, mask_position = [], -1
-    mask_id, special_ids = facts.mask_id, facts.special_ids
-    for i, ((start, end), special) in enumerate(zip(offsets, special_mask)):
-        # `special` marks only the tokens the tokenizer adds (CLS, BOS): a BOS that is also the slot's token is not it
-        if ids[i] == mask_id and mask_position < 0 and not special and _overlaps(start, end, mask_span):
-            kinds.append(MASK)
-            mask_position = i
-        elif special or (start == end == 0 and ids[i] in special_ids):
-            kinds.append(HARD)
-        elif _overlaps(start, end, subject_span):
-            kinds.append(SUBJECT)
-        elif _overlaps(start, end, mask_span):
-            kinds.append(HARD)  # a piece glued to the mask token (some tokenizers emit its space separately)
-        elif start < first_slot_start:
-            kinds.append(0)
-        elif start < second_slot_start:
-            kinds.append(1)
-        else:
-            kinds.append(2)
-    if mask_position < 0:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where every token of many filled templates comes from, from the tokenizer's character offsets.
+
+    Returns the input ids and each token's kind (`HARD`, `SUBJECT`, `MASK`, or the template stretch 0..2 it lies
+    in) of all queries end to end, the queries' start offsets in them (``n + 1``) and each query's mask position.
+    A token is, by the first rule that holds: the mask (the first mask token inside the mask's span); hard (a
+    special token the tokenizer added); the subject (it overlaps the subject's characters); hard (a piece glued
+    to the mask token); else the template stretch that its first character lies in. One pass of array operations
+    over all tokens: per token in Python, this was most of the time of building T-REx queries.
+    """
+    n = len(encoded)
+    lengths = np.fromiter((len(ids) for ids, _, _ in encoded), dtype=np.int64, count=n)
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    total = int(starts[-1])
+    chain = itertools.chain.from_iterable
+    ids = np.fromiter(chain(ids for ids, _, _ in encoded), dtype=np.int64, count=total)
+    offsets = np.fromiter(chain(chain(o for _, o, _ in encoded)), dtype=np.int64, count=2 * total)
+    special = np.fromiter(chain(s for _, _, s in encoded), dtype=np.int64, count=total) != 0
+    spans = np.array([(*subject, *mask) for _, subject, mask in filled], dtype=np.int64).reshape(n, 4)
+    query = np.repeat(np.arange(n), lengths)
+    start, end = offsets[0::2], offsets[1::2]
+    subject_start, subject_end, mask_start, mask_end = (spans[query, c] for c in range(4))
+    empty = start == end  # an empty-span token (e.g. a bare SentencePiece '▁') sits where it starts
+
+    def overlaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.where(empty, (a <= start) & (start < b), (start < b) & (a < end))
+
+    in_subject, in_mask = overlaps(subject_start, subject_end), overlaps(mask_start, mask_end)
+    # `special` marks only the tokens the tokenizer adds (CLS, BOS): a BOS that is also the slot's token is not it
+    candidates = np.flatnonzero((ids == facts.mask_id) & in_mask & ~special)
+    with_mask, first = np.unique(query[candidates], return_index=True)
+    if len(with_mask) < n:
+        lost = int(np.flatnonzero(np.isin(np.arange(n), with_mask, invert=True))[0])
         raise TemplateError(
-            f"The mask token {facts.mask!r} disappeared when tokenising {text!r}; the tokenizer "
+            f"The mask token {facts.mask!r} disappeared when tokenising {filled[lost][0]!r}; the tokenizer "
             f"{tokenizer_name} does not treat it as one token."
         )
-    return ids, kinds, mask_position
+    mask_at = candidates[first]
+    is_mask = np.zeros(total, dtype=bool)
+    is_mask[mask_at] = True
+    added = special | (empty & (start == 0) & np.isin(ids, np.fromiter(facts.special_ids, dtype=np.int64)))
+    first_slot, second_slot = np.minimum(subject_start, mask_start), np.maximum(subject_start, mask_start)
+    kinds = np.select(
+        [is_mask, added, in_subject, in_mask, start < first_slot, start < second_slot],
+        [MASK, HARD, SUBJECT, HARD, 0, 1],
+        default=2,
+    )
+    return ids, kinds, starts, mask_at - starts[:-1]
 
 
 def _tokenise(
@@ -266,8 +286,10 @@ def _tokenise(
 ) -> tuple[list[int], list[int], int]:
     """Return input ids, per-token kind (HARD/SUBJECT/MASK, or the template stretch 0..2) and the mask position."""
     facts = _tokenizer_facts(tokenizer, causal)
-    text, subject_span, mask_span = _fill(template, subject, facts.mask, glue=causal)
-    return _kinds(facts, text, _encode(tokenizer, facts, text), subject_span, mask_span, type(tokenizer).__name__)
+    filled = _fill(template, subject, facts.mask, glue=causal)
+    encoded = _encode(tokenizer, facts, filled[0])
+    ids, kinds, _, mask_position = _placements(facts, [filled], [encoded], type(tokenizer).__name__)
+    return ids.tolist(), kinds.tolist(), int(mask_position[0])
 
 
 def template_layout(tokenizer: PreTrainedTokenizerBase, template: str, causal: bool = False) -> TemplateLayout:
@@ -301,7 +323,9 @@ def encode_queries(
     tokenizer: PreTrainedTokenizerBase, queries: Sequence[tuple[TemplateLayout, str]]
 ) -> list[EncodedQuery]:
     """`encode_query` of many (layout, subject) pairs, tokenised in one batch call of the tokenizer."""
-    causal = bool(queries) and queries[0][0].causal
+    if not queries:
+        return []
+    causal = queries[0][0].causal
     facts = _tokenizer_facts(tokenizer, causal)
     filled = []
     for layout, subject in queries:
@@ -310,29 +334,53 @@ def encode_queries(
         filled.append(_fill(layout.template, subject, facts.mask, glue=causal))
     texts = [text for text, _, _ in filled]
     encoded = _encode_many(tokenizer, facts, texts) if len(texts) > 1 else [_encode(tokenizer, facts, texts[0])]
-    name = type(tokenizer).__name__
+    ids, kinds, starts, mask_positions = _placements(facts, filled, encoded, type(tokenizer).__name__)
+    roles, mismatched = _roles([layout for layout, _ in queries], ids, kinds, starts)
+    bounds = starts.tolist()
     return [
-        _roles(layout, *_kinds(facts, text, enc, subject_span, mask_span, name))
-        for (layout, _), (text, subject_span, mask_span), enc in zip(queries, filled, encoded)
+        EncodedQuery(enc[0], roles[a:b], mask, bad)
+        for enc, a, b, mask, bad in zip(encoded, bounds, bounds[1:], mask_positions.tolist(), mismatched.tolist())
     ]
 
 
-def _roles(layout: TemplateLayout, ids: list[int], kinds: list[int], mask_position: int) -> EncodedQuery:
-    seen: tuple[list[int], list[int], list[int]] = ([], [], [])
-    for tok, kind in zip(ids, kinds):
-        if kind >= 0:
-            seen[kind].append(tok)
-    ok = [tuple(seen[s]) == layout.segments[s] for s in range(3)]
-    offsets = [0, len(layout.segments[0]), len(layout.segments[0]) + len(layout.segments[1])]
-    position_in_segment = [0, 0, 0]
-    roles: list[int] = []
-    for kind in kinds:
-        if kind >= 0:
-            roles.append(offsets[kind] + position_in_segment[kind] if ok[kind] else HARD)
-            position_in_segment[kind] += 1
-        else:
-            roles.append(kind)
-    return EncodedQuery(ids, roles, mask_position, mismatched=not all(ok))
+def _roles(
+    layouts: Sequence[TemplateLayout], ids: np.ndarray, kinds: np.ndarray, starts: np.ndarray
+) -> tuple[list[int], np.ndarray]:
+    """Every token's role (all queries end to end) and whether each query is mismatched.
+
+    The k-th template word of a stretch (kind ``s``) is soft word ``sum(len of stretches before s) + k``, if the
+    stretch's tokens are exactly the layout's; a stretch that came out differently next to this subject keeps its
+    hard embeddings (every token `HARD`).
+    """
+    n = len(layouts)
+    distinct: dict[int, int] = {}
+    which = np.fromiter((distinct.setdefault(id(layout), len(distinct)) for layout in layouts), np.int64, count=n)
+    shapes = list({id(layout): layout for layout in layouts}.values())
+    widths = np.array([[len(segment) for segment in layout.segments] for layout in shapes], dtype=np.int64)
+    table = np.full((len(shapes), 3, max(1, int(widths.max()))), -1, dtype=np.int64)  # each stretch's token ids
+    for row, layout in enumerate(shapes):
+        for s, segment in enumerate(layout.segments):
+            table[row, s, : len(segment)] = segment
+    query = np.repeat(np.arange(n), np.diff(starts))
+    layout_of = which[query]
+    stretch = np.maximum(kinds, 0)
+    # each template word's place in its stretch, and how many words each stretch of each query has
+    place = np.zeros(len(kinds), dtype=np.int64)
+    counts = np.zeros((n, 3), dtype=np.int64)
+    for s in range(3):
+        mine = kinds == s
+        running = np.concatenate([[0], np.cumsum(mine)])
+        before = running[starts[:-1]]
+        counts[:, s] = running[starts[1:]] - before
+        place[mine] = (running[1:] - 1 - before[query])[mine]
+    expected = table[layout_of, stretch, np.minimum(place, table.shape[2] - 1)]
+    wrong = (kinds >= 0) & ((place >= widths[layout_of, stretch]) | (ids != expected))
+    ok = (counts == widths[which]) & (np.bincount(query[wrong] * 3 + stretch[wrong], minlength=3 * n) == 0).reshape(
+        n, 3
+    )
+    first_word = np.cumsum(widths, axis=1) - widths  # soft word of each stretch's first word
+    roles = np.where(kinds >= 0, np.where(ok[query, stretch], first_word[layout_of, stretch] + place, HARD), kinds)
+    return roles.tolist(), ~ok.all(axis=1)
 
 
 def special_tokens_in(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:

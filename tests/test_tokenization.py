@@ -10,7 +10,19 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from peft_softmix.tokenization import HARD, MASK, SUBJECT, _encode, _tokenizer_facts, encode_query, template_layout
+from peft_softmix.errors import TemplateError
+from peft_softmix.tokenization import (
+    HARD,
+    MASK,
+    SUBJECT,
+    _encode,
+    _fill,
+    _placements,
+    _tokenizer_facts,
+    encode_queries,
+    encode_query,
+    template_layout,
+)
 
 FAMILIES = {
     "wordpiece": wordpiece_tokenizer,
@@ -117,3 +129,66 @@ def test_truncation_left_on_the_rust_tokenizer_sends_queries_through_the_tokeniz
     query = encode_query(tokenizer, layout, "Dante Alighieri")
     assert len(query.input_ids) > 4
     assert query.input_ids == tokenizer("Dante Alighieri was born in [MASK] .")["input_ids"]
+
+
+def per_token_query(tokenizer, layout, subject) -> tuple[list[int], list[int], int, bool]:
+    """The placement rule of `_placements` and `_roles`, token by token (how it was computed before they worked on
+    whole batches of queries as arrays): the reference they must agree with."""
+    facts = _tokenizer_facts(tokenizer)
+    text, subject_span, mask_span = _fill(layout.template, subject, facts.mask)
+    enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    ids, offsets, special_mask = enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]
+
+    def overlaps(start, end, span):
+        return span[0] <= start < span[1] if start == end else start < span[1] and span[0] < end
+
+    first_slot, second_slot = sorted((subject_span[0], mask_span[0]))
+    kinds, mask_position = [], -1
+    for i, ((start, end), special) in enumerate(zip(offsets, special_mask)):
+        if ids[i] == facts.mask_id and mask_position < 0 and overlaps(start, end, mask_span):
+            kinds.append(MASK)
+            mask_position = i
+        elif special or (start == end == 0 and ids[i] in facts.special_ids):
+            kinds.append(HARD)
+        elif overlaps(start, end, subject_span):
+            kinds.append(SUBJECT)
+        elif overlaps(start, end, mask_span):
+            kinds.append(HARD)
+        else:
+            kinds.append(0 if start < first_slot else 1 if start < second_slot else 2)
+    seen = [[t for t, kind in zip(ids, kinds) if kind == s] for s in range(3)]
+    ok = [tuple(seen[s]) == layout.segments[s] for s in range(3)]
+    first_word = [0, len(layout.segments[0]), len(layout.segments[0]) + len(layout.segments[1])]
+    place, roles = [0, 0, 0], []
+    for kind in kinds:
+        if kind >= 0:
+            roles.append(first_word[kind] + place[kind] if ok[kind] else HARD)
+            place[kind] += 1
+        else:
+            roles.append(kind)
+    return ids, roles, mask_position, not all(ok)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pairs=st.lists(st.tuples(templates(), subjects), min_size=1, max_size=6))
+def test_a_batch_of_queries_is_placed_as_each_token_by_token(family_tokenizer, pairs):
+    # one encode_queries call over several templates and subjects (the arrays of all queries end to end) gives every
+    # query what the per-token rule gives it alone
+    tokenizer = family_tokenizer
+    layouts = {template: template_layout(tokenizer, template) for (template, _), _ in pairs}
+    queries = [(layouts[template], subject) for (template, _), subject in pairs]
+    encoded = encode_queries(tokenizer, queries)
+    for (layout, subject), query in zip(queries, encoded):
+        expected = per_token_query(tokenizer, layout, subject)
+        assert (query.input_ids, query.roles, query.mask_position, query.mismatched) == expected
+
+
+def test_a_query_without_its_mask_token_names_the_text(family_tokenizer):
+    layout = template_layout(family_tokenizer, "[X] was born in [Y] .")
+    facts = _tokenizer_facts(family_tokenizer)
+    fine, lost = _fill(layout.template, "Dante", facts.mask), _fill(layout.template, "Ali", facts.mask)
+    encoded = [_encode(family_tokenizer, facts, fine[0]), _encode(family_tokenizer, facts, lost[0])]
+    kept = [token for token in zip(*encoded[1]) if token[0] != facts.mask_id]  # as if the mask had split up
+    encoded[1] = ([t for t, _, _ in kept], [o for _, o, _ in kept], [s for _, _, s in kept])
+    with pytest.raises(TemplateError, match="disappeared when tokenising 'Ali was born in"):
+        _placements(facts, [fine, lost], encoded, "Tok")
