@@ -1,7 +1,7 @@
 """Run the Python examples of the documentation, offline, so that the docs cannot drift from the API.
 
 Each page's ```python blocks run in order, in one namespace, in a fresh process whose working directory holds a
-tiny random BERT saved under the name the pages use (``bert-base-cased``): ``from_pretrained`` finds a local folder
+tiny random BERT and GPT-2 saved under the names the pages use (``bert-base-cased``, ``gpt2``): ``from_pretrained`` finds a local folder
 of that name before it would go to the Hub. ``push_to_hub`` saves to a local folder named by the repo id, which is
 where ``PeftModel.from_pretrained(base, "<repo id>")`` then finds it. The numbers the examples print are
 meaningless (the model is random); what is checked is that every call exists and runs.
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Pages whose examples are complete programs (the API pages show fragments that need a trained model around them).
 PAGES = ("docs/index.md", "docs/quickstart.md", "docs/trainer.md", "README.md")
 MODEL_NAME = "bert-base-cased"
+CAUSAL_NAME = "gpt2"
 OFFLINE = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -52,6 +53,17 @@ config = BertConfig(
 BertForMaskedLM(config).save_pretrained({MODEL_NAME!r})
 tokenizer.save_pretrained({MODEL_NAME!r})
 
+# a tiny GPT-2 under the name the causal examples use
+from factories import byte_level_vocabulary
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+_vocab, _merges = byte_level_vocabulary(["<|endoftext|>"])
+_eot = "<|endoftext|>"
+GPT2Tokenizer(
+    vocab=_vocab, merges=_merges, add_bos_token=True, bos_token=_eot, eos_token=_eot, unk_token=_eot, pad_token=_eot
+).save_pretrained({CAUSAL_NAME!r})
+GPT2LMHeadModel(GPT2Config(vocab_size=len(_vocab), n_embd=32, n_layer=2, n_head=2)).save_pretrained({CAUSAL_NAME!r})
+
 
 def _push_to_hub_locally(self, repo_id, *args, **kwargs):
     self.save_pretrained(repo_id)
@@ -63,6 +75,7 @@ peft_softmix.PeftModelForSoftMixture.push_to_hub = _push_to_hub_locally
 # the pages must define what they use: nothing of this set-up stays visible to them
 del os, sys, torch, peft_softmix, PeftModel, AutoTokenizer, BertConfig, BertForMaskedLM
 del config, tokenizer, wordpiece_tokenizer, _push_to_hub_locally
+del byte_level_vocabulary, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, _vocab, _merges, _eot
 """
 
 
