@@ -1,10 +1,10 @@
 """Run the Python examples of the documentation, offline, so that the docs cannot drift from the API.
 
 Each page's ```python blocks run in order, in one namespace, in a fresh process whose working directory holds a
-tiny random BERT and GPT-2 saved under the names the pages use (``bert-base-cased``, ``gpt2``): ``from_pretrained`` finds a local folder
-of that name before it would go to the Hub. ``push_to_hub`` saves to a local folder named by the repo id, which is
-where ``PeftModel.from_pretrained(base, "<repo id>")`` then finds it. The numbers the examples print are
-meaningless (the model is random); what is checked is that every call exists and runs.
+tiny random BERT and GPT-2 saved under the names the pages use (``bert-base-cased``, ``gpt2``): ``from_pretrained``
+finds a local folder of that name before it would go to the Hub. ``push_to_hub`` saves to a local folder named by
+the repo id, which is where ``PeftModel.from_pretrained(base, "<repo id>")`` then finds it. The numbers the examples
+print are meaningless (the model is random); what is checked is that every call exists and runs.
 
     python scripts/check_docs.py            # the pages in PAGES
     python scripts/check_docs.py docs/quickstart.md
