@@ -64,6 +64,7 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertTokeniz
 import peft_softmix  # noqa: E402, F401  (registers SOFT_MIXTURE with PEFT)
 from peft_softmix import PeftModelForSoftMixture, SoftMixtureConfig, SoftMixtureModel  # noqa: E402
 from peft_softmix.architectures import find_backbone  # noqa: E402
+from peft_softmix.base_models import load_language_model  # noqa: E402
 from peft_softmix.hooks import SoftPositions, deep_prompt_hooks, gather_mask_positions  # noqa: E402
 from peft_softmix.objects import object_tokens  # noqa: E402
 from peft_softmix.peft_model import mix_templates  # noqa: E402
@@ -71,6 +72,7 @@ from peft_softmix.tokenization import object_token_id  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_PROBE_LM = REPO_ROOT / "examples" / "probe_lm"
+DEFAULT_CAUSAL_LM = REPO_ROOT / "examples" / "probe_lm_causal"
 TREX_TEST_FACTS = 34_039
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -772,6 +774,83 @@ class Bench:
         }
         return cases, info
 
+    # -- causal LMs (issue #18) --------------------------------------------------------------------------
+
+    def causal_cases(self) -> tuple[list[Case], dict[str, Any]]:
+        """On a causal LM (``--causal_lm``, the causal probe LM by default): a training step of a K-template soft
+        mixture against the bare frozen model on the same tokens, and candidate ranking from the prompts' key/value
+        cache against a naive loop of one teacher-forced forward pass per candidate."""
+        args, device = self.args, self.device
+        base = load_language_model(args.causal_lm)
+        torch.nn.Module.to(base, device)
+        templates = relation_templates(self.data_dir, args.relation, args.eval_k)
+        pm = cast(
+            PeftModelForSoftMixture,
+            get_peft_model(base, SoftMixtureConfig(templates=templates, tokenizer_name_or_path=args.causal_lm)),
+        )
+        facts = [f for f in relation_facts(self.data_dir, args.relation, "train") if f[0] and f[1]]
+        facts = (facts * (1 + args.batch_facts // max(1, len(facts))))[: args.batch_facts]
+        batch = pm.encode([s for s, _ in facts], [o for _, o in facts], device=device)
+        optimizer = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
+        frozen = pm.get_base_model()
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        where, targets = batch["target_positions"], batch["target_ids"]
+        backbone = cast(torch.nn.Module, find_backbone(frozen))
+
+        def mixture_step() -> None:
+            loss = pm(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        def bare() -> None:
+            # the floor: the frozen model on the same tokens, the same head at the target positions, backward to
+            # the input embeddings
+            embeds = pm.word_embeddings(ids).detach().requires_grad_()
+            with gather_mask_positions(backbone, where):
+                logits = frozen(inputs_embeds=embeds, attention_mask=attention).logits
+            valid = targets >= 0
+            picked = torch.log_softmax(logits.float(), -1).gather(2, targets.clamp(min=0)[..., None]).squeeze(-1)
+            (-(picked * valid).sum() / len(facts)).backward()
+
+        test = [f for f in relation_facts(self.data_dir, args.relation, "test") if f[0] and f[1]][: args.eval_facts]
+        subjects = [s for s, _ in test]
+        objects = [
+            o for split in ("train", "dev", "test") for _, o in relation_facts(self.data_dir, args.relation, split)
+        ]
+        candidates = [o for o in dict.fromkeys(objects) if o and object_tokens(pm.tokenizer, o, exact=True)]
+        candidates = candidates[: args.causal_candidates]
+
+        def cached() -> None:
+            pm.score_candidates(subjects, candidates, batch_size=args.eval_batch_facts)
+
+        def naive() -> None:
+            with torch.inference_mode():
+                for candidate in candidates:
+                    for start in range(0, len(subjects), args.eval_batch_facts):
+                        chunk = subjects[start : start + args.eval_batch_facts]
+                        pm(**pm.encode(chunk, [candidate] * len(chunk), device=device))
+
+        def train_mode() -> None:
+            pm.train()
+
+        def eval_mode() -> None:
+            pm.eval()
+
+        K = args.eval_k
+        cases = [
+            Case("causal_mixture_step", mixture_step, len(facts), 0, train_mode, {"K": K}),
+            Case("causal_bare_step", bare, len(facts), 0, train_mode, {"K": K}),
+            Case("causal_rank_cached", cached, len(subjects), 0, eval_mode, {"K": K}),
+            Case("causal_rank_naive_loop", naive, len(subjects), 0, eval_mode, {"K": K}),
+        ]
+        lengths = Counter(len(object_tokens(pm.tokenizer, c, exact=True)) for c in candidates)
+        return cases, {
+            "model": args.causal_lm,
+            "candidates": len(candidates),
+            "lengths": dict(sorted(lengths.items())),
+        }
+
     # -- the whole T-REx test split ---------------------------------------------------------------------
 
     def trex_model(self) -> tuple[BertForMaskedLM, str, str]:
@@ -974,7 +1053,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trex_sample_facts", type=int, default=200, help="Test facts per sampled relation.")
     parser.add_argument("--full_trex_eval", action="store_true", help="Evaluate the whole T-REx test split.")
     parser.add_argument("--bf16", action="store_true", help="Also time bf16 autocast (Accelerate) variants.")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "eval", "candidates", "trex"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "eval", "candidates", "causal", "trex"])
+    parser.add_argument("--causal_lm", default=str(DEFAULT_CAUSAL_LM), help="The causal LM of the causal group.")
+    parser.add_argument("--causal_candidates", type=int, default=40, help="Candidates the causal group ranks.")
     parser.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR))
     parser.add_argument("--probe_lm", default=str(DEFAULT_PROBE_LM))
     args = parser.parse_args(argv)
@@ -1026,6 +1107,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ranking, ranking_info = bench.candidate_cases()
         time_round_robin(ranking, args.eval_repeats, args.warmup, device, args.min_call_ms / 1e3)
         report(f"candidates ({args.eval_facts} facts, {ranking_info})", ranking, cases)
+
+    if "causal" not in args.skip:
+        causal, causal_info = bench.causal_cases()
+        time_round_robin(causal, args.repeats, args.warmup, device, args.min_call_ms / 1e3)
+        report(f"causal ({causal_info})", causal, cases)
 
     summary: dict[str, Any] = {"device": str(device), "machine": machine, "preset": args.preset}
     by_min: dict[str, float] = {}
@@ -1082,6 +1168,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "cand_naive_loop_over_rank_all" in summary:
             projected = summary["cand_naive_loop_over_rank_all"] * ranking_info["naive_to_all_scale"]
             summary["cand_naive_loop_projected_to_all_over_rank_all"] = round(projected, 1)
+    if "causal" not in args.skip:
+        summary["causal"] = causal_info
+        add("causal_mixture_step_over_bare", "causal_mixture_step", "causal_bare_step")
+        add("causal_naive_loop_over_cached_ranking", "causal_rank_naive_loop", "causal_rank_cached")
     # on a shared machine a step that lost its core is slow by chance: the minimum and (with one thread) the
     # process CPU time are steadier estimates than the median wall time
     summary["ratios_by_min_wall_time"] = by_min

@@ -17,7 +17,7 @@ def load(name: str):
 def test_speed_benchmark_times_every_training_case_and_reports_the_ratios():
     speed = load("speed")
     argv = ["--preset", "tiny", "--device", "cpu", "--ks", "1", "2", "--repeats", "1", "--warmup", "0"]
-    summary = speed.main([*argv, "--skip", "eval", "candidates", "trex", "--data_dir", str(SAMPLE)])
+    summary = speed.main([*argv, "--skip", "eval", "candidates", "causal", "trex", "--data_dir", str(SAMPLE)])
     for key in (
         "mixture_step_over_bare_k1_shallow",
         "mixture_step_over_bare_k2_deep",
@@ -31,12 +31,22 @@ def test_speed_benchmark_ranks_candidates_of_every_length_against_single_token_e
     speed = load("speed")
     argv = ["--preset", "tiny", "--device", "cpu", "--ks", "1", "--repeats", "1", "--warmup", "0"]
     argv += ["--eval_facts", "8", "--eval_repeats", "1", "--eval_k", "2"]
-    summary = speed.main([*argv, "--skip", "train", "eval", "trex", "--data_dir", str(SAMPLE)])
+    summary = speed.main([*argv, "--skip", "train", "eval", "causal", "trex", "--data_dir", str(SAMPLE)])
     info = summary["candidates"]
     assert sum(info["candidate_lengths"].values()) == info["candidates"] > 0
     for key in ("cand_rank_all_over_single_token_eval", "cand_rank_all_over_one_per_length"):
         assert summary[key] > 0, key
     assert summary["cand_rank_all_facts_per_s"] > 0
+
+
+def test_speed_benchmark_times_a_causal_lm_against_its_floor_and_a_naive_candidate_loop():
+    speed = load("speed")
+    argv = ["--device", "cpu", "--repeats", "1", "--warmup", "0", "--eval_facts", "4", "--batch_facts", "4"]
+    argv += ["--eval_k", "2", "--causal_candidates", "5", "--eval_batch_facts", "4"]
+    summary = speed.main([*argv, "--skip", "train", "eval", "candidates", "trex", "--data_dir", str(SAMPLE)])
+    assert summary["causal"]["candidates"] == 5
+    for key in ("causal_mixture_step_over_bare", "causal_naive_loop_over_cached_ranking"):
+        assert summary[key] > 0, key
 
 
 def test_profile_step_counts_operators_for_bare_and_mixture():
