@@ -29,7 +29,7 @@ from .architectures import (
 from .config import SoftMixtureConfig, naming_config_file
 from .decoding import DEFAULT_STRATEGY
 from .hooks import deep_prompt_hooks, gather_mask_positions, soft_word_embeddings
-from .inputs import check_forward_kwargs
+from .inputs import check_forward_kwargs, check_subjects
 from .mixture import mix_templates
 from .model import SoftMixtureModel
 from .objects import encode_objects
@@ -226,6 +226,7 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         ``target_positions`` and its ``labels`` are ``[B, L]`` (see `peft_softmix.objects.encode_objects`). An
         adapter of a causal LM always encodes so; ``causal_scoring`` ("prefix" or "sentence") says what it scores.
         """
+        check_subjects(subjects, "encode")
         names = resolve_adapter_names(adapter_names, None, self.active_adapter, self._processors, len(subjects))
         processors = [self._processors[n] for n in names]
         if multi_token or processors[0].causal:  # a causal LM always scores the object's own tokens
