@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from .errors import QueryTooLongError
 from .hooks import SoftPositions, deep_prompt_hooks, soft_word_embeddings
 from .mixture import FactGroups, mix_rows
 from .objects import require_prompt
@@ -29,8 +30,8 @@ from .processing import SoftMixtureProcessor
 
 __all__ = ["score_causal_candidates"]
 
-# rows x positions of one continuation pass (bounds the [rows, positions, vocabulary] logits it makes)
-_MAX_CELLS = 4096
+# the [rows, positions, vocabulary] logits of one continuation pass, in floats (2**27: 512 MB)
+_MAX_LOGITS = 2**27
 
 
 def _run(model: Any, name: str | None, input_ids: torch.Tensor, roles: torch.Tensor, **kwargs: Any) -> Any:
@@ -88,6 +89,17 @@ def score_causal_candidates(
         for n, entry in enumerate(entries)
     ]
     N = len(entries)
+    limit = processor.max_query_length
+    if limit is not None:
+        longest = max(len(t) for t in tokens)
+        for n, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
+            if prefix.shape[0] + longest + suffix.shape[0] > limit:
+                raise QueryTooLongError(
+                    f"With its longest candidate ({longest} tokens), the query for subject {subjects[n // K]!r} with "
+                    f"template {processor.layouts[n % K].template!r} is {prefix.shape[0] + longest + suffix.shape[0]} "
+                    f"tokens long, but {processor.model_name} takes at most {limit}. Leave out such facts (or "
+                    "candidates that long); peft_softmix.relations.drop_long_queries does it for a relation's data."
+                )
     # the prompts, padded on the left: [N, P]
     lengths = torch.tensor([p.shape[0] for p in prefixes], device=device)
     P = int(lengths.max())
@@ -114,11 +126,12 @@ def score_causal_candidates(
         if S == 1:  # one-token candidates, nothing after them: the prompt's last logits score them all
             per_row[:, columns] = first_log_probs.index_select(1, candidate_ids[:, 0])
             continue
-        chunk = max(1, _MAX_CELLS // (N * S))
+        # as many candidates per pass as keep its [rows, positions, vocabulary] logits near _MAX_LOGITS floats
+        chunk = max(1, _MAX_LOGITS // (first_log_probs.shape[1] * N * S))
         for start in range(0, len(columns), chunk):
             part = candidate_ids[start : start + chunk]
             per_row[:, columns[start : start + chunk]] = _continue(
-                model, adapter, cache, first_log_probs, prompt_mask, lengths, part, suffixes, pad
+                model, adapter, cache, first_log_probs, prompt_mask, lengths, part, suffixes, pad, limit
             )
     if disabled:
         log_weights = torch.full((N,), -torch.log(torch.tensor(float(K))).item(), device=device)
@@ -138,6 +151,7 @@ def _continue(
     candidate_ids: torch.Tensor,
     suffixes: list[torch.Tensor],
     pad: int,
+    limit: int | None,
 ) -> torch.Tensor:
     """``[N, C]`` log p_k of ``candidate_ids`` (``[C, n]``, and each row's suffix after them) from the prompts'
     cache: the continuation rows are (row, candidate) pairs, row-major."""
@@ -159,6 +173,8 @@ def _continue(
     expanded.batch_repeat_interleave(C)
     attention = torch.cat([prompt_mask.repeat_interleave(C, dim=0), mask], dim=1)
     positions = prompt_lengths.repeat_interleave(C)[:, None] + torch.arange(S, device=device)
+    if limit is not None:  # padding after a short row may run past the model's positions; its logits go unread
+        positions = positions.clamp(max=limit - 1)
     logits = _run(
         model, adapter, ids, roles,
         attention_mask=attention, position_ids=positions, use_cache=True, **{cache_argument(model): expanded},

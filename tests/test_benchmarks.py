@@ -49,6 +49,14 @@ def test_speed_benchmark_times_a_causal_lm_against_its_floor_and_a_naive_candida
         assert summary[key] > 0, key
 
 
+def test_causal_scoring_compares_prefix_and_whole_sentence_scoring():
+    causal_scoring = load("causal_scoring")
+    argv = ["--relations", "P176", "--max_train", "16", "--max_test", "6", "--epochs", "1", "--num_templates", "2"]
+    summary = causal_scoring.main(argv)
+    assert set(summary["macro_p@1"]) == {"hard_prefix", "hard_sentence", "soft_prefix", "soft_sentence"}
+    assert all(0.0 <= value <= 100.0 for value in summary["macro_p@1"].values())
+
+
 def test_profile_step_counts_operators_for_bare_and_mixture():
     profile_step = load("profile_step")
     summary = profile_step.main(["--device", "cpu", "--k", "2", "--repeats", "1", "--data_dir", str(SAMPLE)])

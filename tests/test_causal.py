@@ -272,3 +272,10 @@ def test_query_on_a_causal_adapter_decodes_or_ranks(causal_model):
     assert sorted(p["score"] for p in ranked) == pytest.approx(sorted(exact.tolist()), rel=1e-4)
     with pytest.raises(ValueError, match="candidate_ids"):
         causal_model.query(["Dante"], candidate_ids=[1, 2])
+
+
+def test_a_candidate_too_long_for_the_models_positions_is_named(causal_model):
+    from peft_softmix.errors import QueryTooLongError
+
+    with pytest.raises(QueryTooLongError, match="at most 64"):
+        causal_model.score_candidates(["Dante"], ["Florence", " ".join(["Paris"] * 70)])
