@@ -31,6 +31,7 @@ from .processing import (
     SoftMixtureProcessor,
     check_shared_vocabulary,
     check_special_tokens,
+    finish_batch,
 )
 from .tokenization import HARD, MASK
 
@@ -219,12 +220,7 @@ def encode_objects(
             if ids:
                 labels[b, : len(ids)] = torch.tensor(ids)
         batch["labels"] = labels
-    if device is not None:
-        batch = {name: tensor.to(device) for name, tensor in batch.items()}
-    names = [p.adapter_name for p in processors]
-    if all(name is not None for name in names):
-        batch["encoded_for"] = tuple(cast(list[str], names))
-    return batch
+    return finish_batch(batch, processors, device)
 
 
 def require_prompt(processor: SoftMixtureProcessor, k: int, slot: int) -> None:

@@ -358,6 +358,11 @@ def encode_facts(
                 "(peft_softmix.facts.filter_single_token), or encode without objects to only query."
             )
         batch["labels"] = labels
+    return finish_batch(batch, processors, device)
+
+
+def finish_batch(batch: dict[str, Any], processors: Sequence[SoftMixtureProcessor], device: Any) -> dict[str, Any]:
+    """A batch's tensors moved to ``device``, and ``encoded_for``: each fact's adapter (when processors know it)."""
     if device is not None:
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
     names = [p.adapter_name for p in processors]
