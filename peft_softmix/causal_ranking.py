@@ -32,6 +32,7 @@ __all__ = ["score_causal_candidates"]
 
 # the [rows, positions, vocabulary] logits of one continuation pass, in floats (2**27: 512 MB)
 _MAX_LOGITS = 2**27
+_MAX_ROWS = 4096
 
 
 def _run(model: Any, name: str | None, input_ids: torch.Tensor, roles: torch.Tensor, **kwargs: Any) -> Any:
@@ -126,8 +127,9 @@ def score_causal_candidates(
         if S == 1:  # one-token candidates, nothing after them: the prompt's last logits score them all
             per_row[:, columns] = first_log_probs.index_select(1, candidate_ids[:, 0])
             continue
-        # as many candidates per pass as keep its [rows, positions, vocabulary] logits near _MAX_LOGITS floats
-        chunk = max(1, _MAX_LOGITS // (first_log_probs.shape[1] * N * S))
+        # as many candidates per pass as keep its [rows, positions, vocabulary] logits near _MAX_LOGITS floats and
+        # its copy of the prompts' cache to _MAX_ROWS rows
+        chunk = max(1, min(_MAX_LOGITS // (first_log_probs.shape[1] * N * S), _MAX_ROWS // N))
         for start in range(0, len(columns), chunk):
             part = candidate_ids[start : start + chunk]
             per_row[:, columns[start : start + chunk]] = _continue(
