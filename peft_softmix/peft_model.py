@@ -7,8 +7,8 @@ pass), runs the forward pass and the mixture, and answers queries. The adapter's
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any, cast
 
 import torch
@@ -16,6 +16,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .adapter_state import AdapterStateMixin
 from .answers import query_model
 from .architectures import (
     ProbeResult,
@@ -44,7 +45,7 @@ from .trust import base_model_name, load_tokenizer
 __all__ = ["IGNORE_INDEX", "PeftModelForSoftMixture", "SoftMixtureOutput", "mix_templates"]
 
 
-class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
+class PeftModelForSoftMixture(AdapterFilesMixin, AdapterStateMixin, PeftModel):
     """
     A frozen masked LM queried through a mixture of soft prompts. Built by `get_peft_model(model, SoftMixtureConfig)`
     or `PeftModel.from_pretrained(model, adapter_dir)` once `peft_softmix` is imported.
@@ -385,46 +386,3 @@ class PeftModelForSoftMixture(AdapterFilesMixin, PeftModel):
         return score_candidates(
             self, subjects, candidates, adapter_names, batch_size, return_template_log_probs, causal_scoring
         )
-
-    def mixture_weights(self, adapter_name: str | None = None) -> list[float]:
-        """The mixture weights pi_k of an adapter (the active one by default)."""
-        encoder = self._encoder(adapter_name)
-        return encoder.log_weights().exp().tolist()
-
-    @contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Query with the hard templates and a uniform mixture (the frozen model alone)."""
-        was_disabled = self._adapters_disabled
-        self._adapters_disabled = True
-        try:
-            yield
-        finally:
-            self._adapters_disabled = was_disabled
-
-    # -- adapters' training state ------------------------------------------------------------------------------
-
-    def _make_trainable(self, adapter_name: str) -> None:
-        config = self._softmix_config(adapter_name)
-        config.inference_mode = False
-        self._encoder(adapter_name).set_trainable(config.train_prompts, config.train_weights)
-        self.train()
-
-    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        """Switch training of the given adapters on (within their config's `train_prompts`/`train_weights`) or off."""
-        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
-            config = self._softmix_config(name)
-            self._encoder(name).set_trainable(
-                requires_grad and config.train_prompts, requires_grad and config.train_weights
-            )
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Like `PeftModel.delete_adapter`, and the adapter's query encoder (tokenizer, caches) goes with it."""
-        super().delete_adapter(adapter_name)
-        self._processors.pop(adapter_name, None)
-
-    def _forget_adapter(self, adapter_name: str) -> None:
-        self.peft_config.pop(adapter_name, None)
-        if adapter_name in self.prompt_encoder:
-            del self.prompt_encoder[adapter_name]
-        self.prompt_tokens.pop(adapter_name, None)
-        self._processors.pop(adapter_name, None)
