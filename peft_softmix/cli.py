@@ -95,8 +95,8 @@ def load_adapter_model(
     """
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForMaskedLM
 
+    from .base_models import load_language_model
     from .config import SoftMixtureConfig
 
     _check_adapter_source(adapter)
@@ -119,7 +119,7 @@ def load_adapter_model(
     else:
         whose = "given with --base"
     try:
-        base_model = AutoModelForMaskedLM.from_pretrained(base, **options)
+        base_model = load_language_model(base, **options)  # a masked or a causal LM, as its config says
     except (OSError, ValueError) as problem:
         raise CliError(f"Cannot load the base model {base!r} {whose} ({problem}). Pass --base MODEL.") from None
     model = PeftModel.from_pretrained(base_model, adapter, tokenizer=tokenizer)
