@@ -156,17 +156,16 @@ def _continue(
     limit: int | None,
 ) -> torch.Tensor:
     """``[N, C]`` log p_k of ``candidate_ids`` (``[C, n]``, and each row's suffix after them) from the prompts'
-    cache: the continuation rows are (row, candidate) pairs, row-major."""
+    cache: the continuation rows are (row, candidate) pairs, row-major, built as one tensor."""
     device = candidate_ids.device
-    N, C = len(suffixes), candidate_ids.shape[0]
-    rows = []
-    for suffix in suffixes:
-        suffix = suffix.to(device)
-        for c in range(C):
-            hard = torch.stack([candidate_ids[c], torch.full_like(candidate_ids[c], -1)], dim=1)
-            rows.append(torch.cat([hard, suffix]))
-    lengths = torch.tensor([r.shape[0] for r in rows], device=device)
-    padded = pad_sequence(rows, batch_first=True, padding_value=-1)  # [N*C, S, 2]
+    (C, n), N = candidate_ids.shape, len(suffixes)
+    suffix_lengths = torch.tensor([x.shape[0] for x in suffixes], device=device)
+    after = pad_sequence([x.to(device) for x in suffixes], batch_first=True, padding_value=-1)  # [N, Smax, 2]
+    hard = torch.stack([candidate_ids, torch.full_like(candidate_ids, -1)], dim=-1)  # [C, n, 2]
+    padded = torch.cat(
+        [hard.unsqueeze(0).expand(N, C, n, 2), after.unsqueeze(1).expand(N, C, after.shape[1], 2)], dim=2
+    ).reshape(N * C, -1, 2)
+    lengths = (n + suffix_lengths).repeat_interleave(C)
     S = padded.shape[1]
     mask = (torch.arange(S, device=device) < lengths[:, None]).long()
     ids = padded[..., 0].masked_fill(mask == 0, pad)
