@@ -101,23 +101,50 @@ def score_causal_candidates(
                     f"tokens long, but {processor.model_name} takes at most {limit}. Leave out such facts (or "
                     "candidates that long); peft_softmix.relations.drop_long_queries does it for a relation's data."
                 )
-    # the prompts, padded on the left: [N, P]
+    pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    adapter = None if disabled else name
+    per_row = torch.empty(N, len(tokens), device=device)
+    # one template at a time: its rows' continuations have one suffix length (none for prefix scoring), so that no
+    # row is padded to another template's whole sentence
+    for k in range(K):
+        rows = torch.arange(k, N, K, device=device)
+        per_row[rows] = _score_rows(model, adapter, prefixes[k::K], suffixes[k::K], tokens, pad, limit)
+    if disabled:
+        log_weights = torch.full((N,), -torch.log(torch.tensor(float(K))).item(), device=device)
+    else:
+        log_weights = model._encoder(name).log_weights().to(device).repeat(len(subjects))
+    groups = FactGroups((K,) * len(subjects), torch.arange(len(subjects), device=device).repeat_interleave(K))
+    return mix_rows(per_row, log_weights, groups), per_row, log_weights
+
+
+def _score_rows(
+    model: Any,
+    adapter: str | None,
+    prefixes: list[torch.Tensor],
+    suffixes: list[torch.Tensor],
+    tokens: Sequence[tuple[int, ...]],
+    pad: int,
+    limit: int | None,
+) -> torch.Tensor:
+    """``[R, C]`` log p_k of every candidate after each of R prompts (and its suffix): one pass of the prompts, then
+    one continuation pass per candidate length (or per chunk of its candidates)."""
+    device = model.embedding_device
+    R = len(prefixes)
+    # the prompts, padded on the left: [R, P]
     lengths = torch.tensor([p.shape[0] for p in prefixes], device=device)
     P = int(lengths.max())
     flipped = pad_sequence([p.flip(0) for p in prefixes], batch_first=True, padding_value=-1).flip(1).to(device)
     prompt_mask = (torch.arange(P, device=device) >= P - lengths[:, None]).long()
-    pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     prompt_ids = flipped[..., 0].masked_fill(prompt_mask == 0, pad)
     prompt_roles = flipped[..., 1].masked_fill(prompt_mask == 0, -1)
     prompt_positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    adapter = None if disabled else name
     out = _run(
         model, adapter, prompt_ids, prompt_roles,
         attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
     )  # fmt: skip
     cache = cache_of(out)
-    first_log_probs = out.logits[:, -1].float().log_softmax(-1)  # [N, V]: each candidate's first token
-    per_row = torch.empty(N, len(tokens), device=device)
+    first_log_probs = out.logits[:, -1].float().log_softmax(-1)  # [R, V]: each candidate's first token
+    scores = torch.empty(R, len(tokens), device=device)
     by_length: dict[int, list[int]] = {}
     for c, ids in enumerate(tokens):
         by_length.setdefault(len(ids), []).append(c)
@@ -125,22 +152,17 @@ def score_causal_candidates(
         candidate_ids = torch.tensor([tokens[c] for c in columns], device=device)  # [C_n, n]
         S = n + max(s.shape[0] for s in suffixes)
         if S == 1:  # one-token candidates, nothing after them: the prompt's last logits score them all
-            per_row[:, columns] = first_log_probs.index_select(1, candidate_ids[:, 0])
+            scores[:, columns] = first_log_probs.index_select(1, candidate_ids[:, 0])
             continue
         # as many candidates per pass as keep its [rows, positions, vocabulary] logits near _MAX_LOGITS floats and
         # its copy of the prompts' cache to _MAX_ROWS rows
-        chunk = max(1, min(_MAX_LOGITS // (first_log_probs.shape[1] * N * S), _MAX_ROWS // N))
+        chunk = max(1, min(_MAX_LOGITS // (first_log_probs.shape[1] * R * S), _MAX_ROWS // R))
         for start in range(0, len(columns), chunk):
             part = candidate_ids[start : start + chunk]
-            per_row[:, columns[start : start + chunk]] = _continue(
+            scores[:, columns[start : start + chunk]] = _continue(
                 model, adapter, cache, first_log_probs, prompt_mask, lengths, part, suffixes, pad, limit
             )
-    if disabled:
-        log_weights = torch.full((N,), -torch.log(torch.tensor(float(K))).item(), device=device)
-    else:
-        log_weights = model._encoder(name).log_weights().to(device).repeat(len(subjects))
-    groups = FactGroups((K,) * len(subjects), torch.arange(len(subjects), device=device).repeat_interleave(K))
-    return mix_rows(per_row, log_weights, groups), per_row, log_weights
+    return scores
 
 
 def _continue(
