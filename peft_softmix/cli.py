@@ -148,6 +148,10 @@ TokenizerOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="'cpu', 'cuda', 'cuda:1', ... or 'auto'.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+LengthNormalizedOpt = Annotated[
+    bool,
+    typer.Option("--length_normalized", "--length-normalized", help="Rank answers by log p(y|x) per token."),
+]
 
 
 def _print_json(data: Any) -> None:
@@ -172,10 +176,7 @@ def ask(
         str | None,
         typer.Option("--candidates", help="Rank these objects (any length), one per line of a UTF-8 file."),
     ] = None,
-    length_normalized: Annotated[
-        bool,
-        typer.Option("--length_normalized", "--length-normalized", help="Rank by log p(y|x) per token."),
-    ] = False,
+    length_normalized: LengthNormalizedOpt = False,
     base: BaseOpt = None,
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
@@ -236,10 +237,7 @@ def evaluate(
         str | None,
         typer.Option(help="With --multi_token: the candidate objects, one per line (default: the file's objects)."),
     ] = None,
-    length_normalized: Annotated[
-        bool,
-        typer.Option("--length_normalized", "--length-normalized", help="Rank candidates by log p per token."),
-    ] = False,
+    length_normalized: LengthNormalizedOpt = False,
     base: BaseOpt = None,
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
