@@ -21,7 +21,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from .causal_ranking import _run, cache_argument, cache_of
-from .objects import require_prompt
+from .objects import object_first, require_prompt
 
 __all__ = ["decode_causal"]
 
@@ -39,9 +39,7 @@ def decode_causal(
     re-scores them exactly)."""
     processor = model.get_processor(name)
     device = model.embedding_device
-    proposing = [
-        k for k, layout in enumerate(processor.layouts) if layout.template.index("[X]") < layout.template.index("[Y]")
-    ]
+    proposing = [k for k, layout in enumerate(processor.layouts) if not object_first(layout.template)]
     if not proposing:
         raise ValueError(
             f"No template of adapter '{name}' puts [X] before [Y], so no prompt holds the subject to continue; rank "

@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 from .errors import QueryTooLongError
 from .hooks import SoftPositions, deep_prompt_hooks, soft_word_embeddings
 from .mixture import FactGroups, mix_rows
-from .objects import require_prompt
+from .objects import require_prompt, whole_sentence
 from .processing import SoftMixtureProcessor
 
 __all__ = ["score_causal_candidates"]
@@ -61,10 +61,6 @@ def cache_of(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
-def _whole_sentence(template: str, causal_scoring: str) -> bool:
-    return causal_scoring == "sentence" or template.index("[Y]") < template.index("[X]")
-
-
 @torch.inference_mode()
 def score_causal_candidates(
     model: Any,
@@ -81,7 +77,7 @@ def score_causal_candidates(
     processor._tokenise(subjects)
     entries = [entry for subject in subjects for entry in processor._rows(subject)]
     K = processor.num_templates
-    whole = [_whole_sentence(layout.template, causal_scoring) for layout in processor.layouts]
+    whole = [whole_sentence(layout.template, causal_scoring) for layout in processor.layouts]
     for k, entry in enumerate(entries[:K]):
         require_prompt(processor, k, entry.query.mask_position)
     prefixes = [entry.row[: entry.query.mask_position] for entry in entries]

@@ -184,7 +184,7 @@ def encode_objects(
             if causal:
                 layout = processor.layouts[k]
                 require_prompt(processor, k, p)
-                whole = causal_scoring == "sentence" or layout.template.index("[Y]") < layout.template.index("[X]")
+                whole = whole_sentence(layout.template, causal_scoring)
                 stop = row.shape[0] - 1 if whole else p + n - 1
                 where = list(range(p - 1, stop))
                 positions.append(where)
@@ -221,6 +221,16 @@ def encode_objects(
                 labels[b, : len(ids)] = torch.tensor(ids)
         batch["labels"] = labels
     return finish_batch(batch, processors, device)
+
+
+def object_first(template: str) -> bool:
+    """Whether ``[Y]`` comes before ``[X]``: a causal LM's prompt (the text before ``[Y]``) then lacks the subject."""
+    return template.index("[Y]") < template.index("[X]")
+
+
+def whole_sentence(template: str, causal_scoring: str) -> bool:
+    """Whether a causal LM scores ``template`` as a whole sentence: asked to, or its prompt lacks the subject."""
+    return causal_scoring == "sentence" or object_first(template)
 
 
 def require_prompt(processor: SoftMixtureProcessor, k: int, slot: int) -> None:
