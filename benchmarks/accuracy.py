@@ -30,7 +30,11 @@ Run (defaults: the probe LM in ``examples/probe_lm`` and the sample shipped with
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick   # fewer epochs, no paraphrase row, no single deep runs
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py --peers_only   # the majority baseline and the peers' sweep
 
-Objects of any length (issue #17) have their own benchmark, ``benchmarks/accuracy_multi_token.py``.
+Objects of any length (issue #17) have their own benchmark, ``benchmarks/accuracy_multi_token.py``. A causal LM
+(issue #18) takes the same command and flags: it is handed to that benchmark, which ranks each relation's
+candidate objects by the chain rule (a causal LM has no mask to rank the vocabulary at)::
+
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --model_name_or_path examples/probe_lm_causal
 
 The paper's experiment (BERT-base-cased, the full T-REx split; needs the Hub and a GPU)::
 
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -56,6 +61,7 @@ from typing import Any
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO_ROOT / "benchmarks"
 sys.path.insert(0, str(REPO_ROOT))  # this checkout's peft_softmix, installed or not
 
 from accelerate import Accelerator  # noqa: E402
@@ -63,12 +69,13 @@ from accelerate.utils import set_seed  # noqa: E402
 from peft import PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader  # noqa: E402
-from transformers import AutoModelForMaskedLM, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer  # noqa: E402
 
 import peft_softmix  # noqa: E402, F401  (registers SOFT_MIXTURE with PEFT)
 from peft_softmix import SoftMixtureConfig, SoftMixtureOutput, TrainingDiverged  # noqa: E402
 from peft_softmix.architectures import find_backbone  # noqa: E402
 from peft_softmix.atomic import write_json_atomic  # noqa: E402
+from peft_softmix.base_models import language_model_kind  # noqa: E402
 from peft_softmix.batching import FactDataset, LengthGroupedSampler, subject_lengths  # noqa: E402
 from peft_softmix.facts import SAMPLE_DIR  # noqa: E402
 from peft_softmix.hooks import gather_mask_positions  # noqa: E402
@@ -612,8 +619,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def causal_benchmark(args: argparse.Namespace) -> dict[str, float]:
+    """A causal LM's accuracy: ``accuracy_multi_token.py`` with this run's flags (candidate ranking by the chain rule,
+    issue #18's rows and targets); its macro test P@1 over all facts per method."""
+    if args.common_vocab is not None:
+        raise SystemExit(
+            "--common_vocab ranks LAMA's common vocabulary at the mask, a masked-LM setting; a causal LM ranks each "
+            "relation's candidate objects instead. Leave the flag out."
+        )
+    spec = importlib.util.spec_from_file_location("accuracy_multi_token", BENCHMARKS / "accuracy_multi_token.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    flags = ["model_name_or_path", "data_dir", "templates_dir", "relations", "num_templates", "num_train_epochs"]
+    flags += ["patience", "learning_rate", "batch_size", "eval_batch_size", "num_virtual_tokens", "seed"]
+    flags += ["max_train_samples", "max_eval_samples", "output_dir"]
+    argv = [f"--{name}={getattr(args, name)}" for name in flags if getattr(args, name) is not None]
+    argv += ["--peer_learning_rates", *map(str, args.peer_learning_rates)]
+    argv += ["--quick"] * args.quick + ["--verbose"] * args.verbose
+    if args.peers_only:
+        argv += ["--skip", *(row.name for row in module.SOFT_ROWS)]
+    print(f"{args.model_name_or_path} is a causal LM: ranking candidates with benchmarks/accuracy_multi_token.py.")
+    report = module.main(argv)
+    return {name: by_subset["all"] for name, by_subset in report["macro_p@1"].items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    if language_model_kind(AutoConfig.from_pretrained(args.model_name_or_path)) == "causal":
+        return causal_benchmark(args)
     out = Path(args.output_dir)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     start = time.time()

@@ -19,6 +19,13 @@ Run::
 
     OMP_NUM_THREADS=1 python benchmarks/accuracy_multi_token.py            # examples/probe_lm_subword, the sample
     OMP_NUM_THREADS=1 python benchmarks/accuracy_multi_token.py --quick    # 2 epochs, 300 dev/test facts, 2 rates
+    OMP_NUM_THREADS=1 python benchmarks/accuracy_multi_token.py --model_name_or_path examples/probe_lm_causal
+
+A causal LM (issue #18) takes the same flags: the soft rows score a candidate by the chain rule after the prompt
+(the library's path for causal LMs), the PEFT peers put their virtual tokens before the manual template's words up
+to ``[Y]`` and score the same chain rule from its key/value cache, and the targets are issue #18's (the soft mixture
+against 1.5 x the manual template, the best tuned peer + 5 points, and the best single soft prompt, all facts).
+The masked-only rows (single-token training, X-FACTR mask filling) are left out.
 """
 
 from __future__ import annotations
@@ -44,11 +51,13 @@ sys.path.insert(0, str(BENCHMARKS.parent))  # this checkout's peft_softmix, inst
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from accuracy import PEERS, Peer, pct, peer_config, quiet  # noqa: E402
+from peer_scoring import CausalPeerScorer, PeerScorer, fill  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from transformers import AutoModelForMaskedLM, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer  # noqa: E402
 
 from peft_softmix import RelationTrainer, SoftMixtureConfig, TrainingArguments  # noqa: E402
 from peft_softmix.atomic import write_json_atomic  # noqa: E402
+from peft_softmix.base_models import language_model_kind, load_language_model  # noqa: E402
 from peft_softmix.candidate_evaluation import candidate_ranks, default_candidates  # noqa: E402
 from peft_softmix.facts import SAMPLE_DIR, Fact, filter_unknown_subjects, load_relation  # noqa: E402
 from peft_softmix.metrics import load_fact_retrieval  # noqa: E402
@@ -88,7 +97,7 @@ def load_facts(args: argparse.Namespace, relation: str, tokenizer, max_query_len
     for split in splits.values():
         for fact in split.facts:
             if fact.object not in lengths:
-                lengths[fact.object] = len(object_tokens(tokenizer, fact.object))
+                lengths[fact.object] = len(object_tokens(tokenizer, fact.object, exact=args.causal))
     fits = {obj for obj, n in lengths.items() if 0 < n <= args.max_object_tokens}
     longest = max((lengths[o] for o in fits), default=1)
     kept: dict[str, list[Fact]] = {}
@@ -98,7 +107,9 @@ def load_facts(args: argparse.Namespace, relation: str, tokenizer, max_query_len
         facts = [f for f in facts if f.object in fits]
         if max_query_length is not None:
             every = templates["manual"] + templates["mined"]
-            facts = [f for f in facts if query_length(tokenizer, every, f.subject, longest) <= max_query_length]
+            facts = [
+                f for f in facts if query_length(tokenizer, every, f.subject, longest, args.causal) <= max_query_length
+            ]
         limit = args.max_train_samples if name == "train" else args.max_eval_samples
         facts = facts[:limit] if limit is not None else facts
         notes.append(f"{name} {len(facts)}/{len(split.facts)}")
@@ -107,87 +118,12 @@ def load_facts(args: argparse.Namespace, relation: str, tokenizer, max_query_len
     return RelationFacts(relation, kept, candidates, templates, ", ".join(notes) + f"; {len(candidates)} candidates")
 
 
-def query_length(tokenizer, templates: list[str], subject: str, num_masks: int) -> int:
-    """Tokens of the longest hard query of ``subject`` with ``num_masks`` masks in ``[Y]``."""
+def query_length(tokenizer, templates: list[str], subject: str, num_masks: int, causal: bool = False) -> int:
+    """Tokens of the longest hard query of ``subject`` with ``num_masks`` masks in ``[Y]`` (a causal LM: the
+    template's other tokens and an object of ``num_masks`` tokens)."""
+    if causal:
+        return max(len(tokenizer(fill(t, subject, "", 0))["input_ids"]) for t in templates) + num_masks
     return max(len(tokenizer(fill(t, subject, tokenizer.mask_token, num_masks))["input_ids"]) for t in templates)
-
-
-def fill(template: str, subject: str, mask_token: str, num_masks: int) -> str:
-    return template.replace("[X]", subject).replace("[Y]", " ".join([mask_token] * num_masks))
-
-
-# -- scorers: what a method trains and how it scores candidates ------------------------------------------------------
-
-
-class PeerScorer:
-    """A PEFT prompt-learning model before the manual template, asked with n masks for an n-token object; log p(c|x)
-    = sum_j log p(c_j|x) at the masks, as for the soft prompts."""
-
-    def __init__(
-        self,
-        peft_model,
-        tokenizer,
-        template: str,
-        num_virtual_tokens: int,
-        batch_size: int,
-        length_normalized: bool = False,
-    ):
-        self.model, self.tokenizer, self.template = peft_model, tokenizer, template
-        self.shift, self.batch_size = num_virtual_tokens, batch_size  # PEFT's virtual tokens come first
-        self.length_normalized = length_normalized
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def train(self, mode: bool) -> None:
-        self.model.train(mode)
-
-    def mask_log_probs(self, subjects: list[str], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, L, V]`` log-probabilities at each subject's masks (L the most masks; past a row's own count the
-        first mask repeats) and ``[B, L]`` whether that step is one of the row's masks."""
-        tok = self.tokenizer
-        texts = [fill(self.template, s, tok.mask_token, n) for s, n in zip(subjects, counts)]
-        enc = tok(texts, padding=True, return_tensors="pt")
-        device = next(self.model.parameters()).device
-        logits = self.model(
-            input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)
-        ).logits
-        L = max(counts)
-        positions = torch.zeros(len(texts), L, dtype=torch.long)
-        valid = torch.zeros(len(texts), L, dtype=torch.bool)
-        for b, row in enumerate(enc["input_ids"]):
-            masks = (row == tok.mask_token_id).nonzero().squeeze(1)
-            if len(masks) != counts[b]:
-                raise ValueError(f"The filled template {texts[b]!r} holds {len(masks)} masks, not {counts[b]}.")
-            positions[b, : counts[b]] = masks
-            positions[b, counts[b] :] = masks[0]
-            valid[b, : counts[b]] = True
-        picked = logits.gather(1, (positions + self.shift).to(device)[..., None].expand(-1, -1, logits.shape[-1]))
-        return torch.log_softmax(picked.float(), dim=-1), valid.to(device)
-
-    def loss(self, facts: list[Fact]) -> torch.Tensor:
-        tokens = [object_tokens(self.tokenizer, f.object) for f in facts]
-        log_probs, valid = self.mask_log_probs([f.subject for f in facts], [len(t) for t in tokens])
-        labels = torch.zeros(valid.shape, dtype=torch.long)
-        for b, ids in enumerate(tokens):
-            labels[b, : len(ids)] = torch.tensor(ids)
-        gold = log_probs.gather(2, labels.to(log_probs.device)[..., None]).squeeze(2)
-        return -(gold * valid).sum(1).mean()
-
-    @torch.no_grad()
-    def scores(self, subjects: list[str], candidates: list[str]) -> torch.Tensor:
-        tokens = [object_tokens(self.tokenizer, c) for c in candidates]
-        out = torch.empty(len(subjects), len(candidates))
-        for n in sorted({len(t) for t in tokens}):
-            columns = [c for c, t in enumerate(tokens) if len(t) == n]
-            ids = torch.tensor([tokens[c] for c in columns])  # [C_n, n]
-            for start in range(0, len(subjects), self.batch_size):
-                chunk = subjects[start : start + self.batch_size]
-                log_probs, _ = self.mask_log_probs(chunk, [n] * len(chunk))  # [b, n, V]
-                log_probs = log_probs.cpu()
-                total = sum(log_probs[:, j].index_select(1, ids[:, j]) for j in range(n))
-                out[start : start + len(chunk), columns] = total / n if self.length_normalized else total
-        return out
 
 
 # -- training: Adam on the train facts, the best dev P@1 by candidate ranking kept ----------------------------------
@@ -262,6 +198,8 @@ SOFT_ROWS = (
     SoftRow("soft_mixture", "mined"),
     SoftRow("soft_mixture_single_token_train", "mined", train="single"),
 )
+# rows that answer questions of masked LMs only: the single-token setting's training, and X-FACTR's mask filling
+MASKED_ONLY = ("soft_mixture_single_token_train", "xfactr_decoding")
 
 
 def single_token(facts: list[Fact], tokenizer) -> list[Fact]:
@@ -272,7 +210,7 @@ def run_soft(row: SoftRow, args: argparse.Namespace, data: RelationFacts, tokeni
     """The library's loop (`RelationTrainer` with ``multi_token``: the loss over all facts, candidate ranking on dev
     and test among this benchmark's candidates), as ``examples/train_trex.py --multi_token`` trains."""
     set_seed(args.seed)
-    base = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path).to(accelerator.device)
+    base = load_language_model(args.model_name_or_path).to(accelerator.device)
     config = SoftMixtureConfig(
         templates=data.templates[row.templates],
         tokenizer_name_or_path=args.model_name_or_path,
@@ -306,11 +244,11 @@ def run_soft(row: SoftRow, args: argparse.Namespace, data: RelationFacts, tokeni
 
 def run_peer(peer: Peer, learning_rate: float, args: argparse.Namespace, data: RelationFacts, tokenizer) -> Fitted:
     set_seed(args.seed)
-    base = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path)
+    base = load_language_model(args.model_name_or_path)
     template = data.templates["manual"][0]
     token_dim = base.get_input_embeddings().embedding_dim
     config = peer_config(peer, args.num_virtual_tokens, token_dim, template, args.model_name_or_path)
-    scorer = PeerScorer(
+    scorer = (CausalPeerScorer if args.causal else PeerScorer)(
         get_peft_model(base, config),
         tokenizer,
         template,
@@ -335,7 +273,7 @@ def run_decoding(args: argparse.Namespace, data: RelationFacts, tokenizer) -> Fi
     from peft_softmix.decoding import decode_answers
 
     set_seed(args.seed)
-    base = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path)
+    base = load_language_model(args.model_name_or_path)
     config = SoftMixtureConfig(
         templates=data.templates["manual"],
         tokenizer_name_or_path=args.model_name_or_path,
@@ -423,20 +361,46 @@ def macro_p1(methods: dict[str, Any], name: str, subset: str) -> float | None:
     return None if scores is None else scores["overall"]["macro_p@1"]
 
 
+def _target(text: str, value: float | None, goal: float | None) -> dict[str, Any] | None:
+    if value is None or goal is None:
+        return None
+    # 0 against 1.5 x 0 would be "met" by a method that never answers right: a target needs a hit
+    return {"target": text, "value": value, "goal": goal, "met": value >= goal - 1e-12 and value > 0}
+
+
+def best_peer(methods: dict[str, Any]) -> tuple[str | None, float | None]:
+    """The tuned PEFT peer with the best macro test P@1 over all facts, and that P@1."""
+    peers = {p.name: macro_p1(methods, p.name, "all") for p in PEERS if p.name in methods}
+    name = max((n for n in peers if peers[n] is not None), key=lambda n: peers[n], default=None)  # type: ignore
+    return name, None if name is None else peers[name]
+
+
+def plus(value: float | None, points: float) -> float | None:
+    return None if value is None else value + points
+
+
+def check_causal_targets(methods: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue #18's targets on a causal LM (macro test P@1 over all facts, by candidate ranking)."""
+    mix = macro_p1(methods, "soft_mixture", "all")
+    manual = macro_p1(methods, "manual", "all")
+    peer, peer_p1 = best_peer(methods)
+    singles = {n: macro_p1(methods, n, "all") for n in ("manual_soft", "manual_soft_deep") if n in methods}
+    single = max((n for n in singles if singles[n] is not None), key=lambda n: singles[n], default=None)  # type: ignore
+    found = [
+        _target("soft_mixture >= 1.5 x manual", mix, None if manual is None else 1.5 * manual),
+        _target(f"soft_mixture >= best tuned PEFT peer ({peer}) + 5 points", mix, plus(peer_p1, 0.05)),
+        _target(f"soft_mixture >= best single soft prompt ({single})", mix, singles.get(single or "")),
+    ]
+    return [t for t in found if t is not None]
+
+
 def check_targets(methods: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue #17's targets (macro test P@1 by candidate ranking)."""
-
-    def target(text: str, value: float | None, goal: float | None) -> dict[str, Any] | None:
-        if value is None or goal is None:
-            return None
-        # 0 against 1.5 x 0 would be "met" by a method that never answers right: a target needs a hit
-        return {"target": text, "value": value, "goal": goal, "met": value >= goal - 1e-12 and value > 0}
-
+    target = _target
     mix = "soft_mixture"
     manual = macro_p1(methods, "manual", "multi")
     hard = macro_p1(methods, "mined_hard_mixture", "multi")
-    peers = {p.name: macro_p1(methods, p.name, "all") for p in PEERS if p.name in methods}
-    best_peer = max((n for n in peers if peers[n] is not None), key=lambda n: peers[n], default=None)
+    best_peer_name, best_peer_p1 = best_peer(methods)
     single_only = macro_p1(methods, "soft_mixture_single_token_train", "single")
     found = [
         target(
@@ -450,9 +414,9 @@ def check_targets(methods: dict[str, Any]) -> list[dict[str, Any]]:
             None if hard is None else hard + 0.10,
         ),
         target(
-            f"all facts: soft_mixture >= best tuned PEFT peer ({best_peer}) + 5 points",
+            f"all facts: soft_mixture >= best tuned PEFT peer ({best_peer_name}) + 5 points",
             macro_p1(methods, mix, "all"),
-            None if best_peer is None else peers[best_peer] + 0.05,  # type: ignore[operator]
+            None if best_peer_p1 is None else best_peer_p1 + 0.05,
         ),
         target(
             "single-token facts: soft_mixture within 1 point of (or above) soft_mixture_single_token_train",
@@ -517,6 +481,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"The subword probe LM is not at {DEFAULT_MODEL}; build it with scripts/build_probe_lm.py --tokenizer "
             "subword or pass --model_name_or_path."
         )
+    # a causal LM takes the same flags: its path is chosen from the model, as the library chooses it
+    args.causal = language_model_kind(AutoConfig.from_pretrained(args.model_name_or_path)) == "causal"
+    if args.causal:
+        args.skip = [*args.skip, *MASKED_ONLY]
     return args
 
 
@@ -526,12 +494,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     start = time.time()
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    positions = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path).config.max_position_embeddings
+    positions = AutoConfig.from_pretrained(args.model_name_or_path).max_position_embeddings
     limit = positions - args.num_virtual_tokens  # the peers' virtual tokens take positions too
     relations = resolve_relations(args.data_dir, args.relations)
     data = {rel: load_facts(args, rel, tokenizer, limit) for rel in relations}
     lengths = {
-        rel: torch.tensor([len(object_tokens(tokenizer, f.object)) for f in d.splits["test"]])
+        rel: torch.tensor([len(object_tokens(tokenizer, f.object, exact=args.causal)) for f in d.splits["test"]])
         for rel, d in data.items()
     }
     metric = load_fact_retrieval(keep_in_memory=True)
@@ -596,7 +564,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         timings[peer.name] = time.time() - t0
         progress(peer.name)
 
-    targets = check_targets(methods)
+    targets = check_causal_targets(methods) if args.causal else check_targets(methods)
     elapsed = time.time() - start
     counts = {
         subset: sum(int(((n == 1) if subset == "single" else (n > 1)).sum()) for n in lengths.values())

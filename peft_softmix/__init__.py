@@ -7,6 +7,7 @@ Importing the package registers the ``SOFT_MIXTURE`` method with PEFT, so that `
 __version__ = "0.1.0"
 
 from .config import PEFT_TYPE, SoftMixtureConfig, SoftMixtureInit, SoftMixtureType  # noqa: E402
+from .denormals import flush_denormals  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterLoadError,
     ChecksumError,
@@ -59,5 +60,6 @@ __all__ = [
     "TrainingSetupError",
     "UnsupportedArchitectureError",
     "__version__",
+    "flush_denormals",
     "train_relation",
 ]

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .batching import Collator, FactCollator, eval_dataloader, model_inputs, subject_lengths, train_dataloader
 from .candidate_evaluation import CandidateCollator, default_candidates, evaluate_candidate_ranks
 from .checkpoints import TrainingState, as_json, load_checkpoint, save_checkpoint, start_run
+from .denormals import flush_denormals
 from .em import em_mixture_logits, em_object_posteriors, em_posteriors, set_mixture_logits
 from .errors import TrainingDiverged, TrainingSetupError
 from .evaluation import EvalRanks, evaluate_ranks, precision_at_1
@@ -253,7 +254,9 @@ class RelationTrainer:
         last_checkpoint = Path(resume_from) if resume_from is not None else None
         while not state.stopped and state.epoch < args.num_train_epochs:
             epoch = state.epoch + 1
-            train_loss = self._train_epoch(train_model, train_loader, optimizer, epoch, last_checkpoint)
+            # a mixture's backward makes denormals (templates with a far smaller posterior); on a CPU they are slow
+            with flush_denormals(accelerator.device.type == "cpu"):
+                train_loss = self._train_epoch(train_model, train_loader, optimizer, epoch, last_checkpoint)
             dev = self.evaluate("dev")
             dev_p1 = precision_at_1(dev.mixture)
             improved = dev_p1 > state.best_p1

@@ -117,3 +117,83 @@ def test_multi_token_benchmark_reports_every_row_split_by_object_length(multi_to
         assert report["methods"][name] == kept["test"]
     assert len(report["targets"]) == 4
     assert (tmp_path / "accuracy_multi_token.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def causal_dir(tmp_path_factory) -> str:
+    """A tiny GPT-2 with a byte-level tokenizer: words outside its vocabulary are several tokens."""
+    from test_causal import gpt2_style_tokenizer, tiny_causal
+
+    path = gpt2_style_tokenizer(tmp_path_factory.mktemp("causal"), bos=True)
+    tiny_causal("gpt2", len(AutoTokenizer.from_pretrained(path))).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("peer_name", ["peft_prompt_tuning_vocab", "peft_p_tuning"])
+def test_causal_peer_scores_are_the_chain_rule_of_one_full_pass(accuracy, multi_token, causal_dir, peer_name):
+    """Oracle: PEFT's prompt, then the template's words up to [Y] and the candidate, in one pass by hand; the
+    scores come from the prompts' key/value cache, and the training loss of one fact is minus its score."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(causal_dir)
+    base = AutoModelForCausalLM.from_pretrained(causal_dir).eval()
+    peer = next(p for p in accuracy.PEERS if p.name == peer_name)
+    torch.manual_seed(0)
+    template = "[X] was born in [Y] ."
+    model = get_peft_model(base, accuracy.peer_config(peer, 3, 32, template, causal_dir)).eval()
+    scorer = multi_token.CausalPeerScorer(model, tokenizer, template, 3, batch_size=2)
+    candidates = ["Paris", "Rome", "Oslo", "Zqx"]
+    tokens = [object_tokens(tokenizer, c, exact=True) for c in candidates]
+    assert len({len(t) for t in tokens}) > 1  # lengths differ: one continuation per length
+    subjects = ["Dante", "Immanuel Kant", "Bo"]  # prompts of different lengths: padded on the left
+    scores = scorer.scores(subjects, candidates)
+    with torch.no_grad():
+        prompt = model.get_prompt(batch_size=1)
+    for b, subject in enumerate(subjects):
+        for c, ids in enumerate(tokens):
+            prefix = tokenizer(f"{subject} was born in")["input_ids"]
+            row = torch.tensor([prefix + list(ids)])
+            embeds = torch.cat([prompt, base.get_input_embeddings()(row)], dim=1)
+            with torch.no_grad():
+                log_probs = base(inputs_embeds=embeds).logits.log_softmax(-1)[0, 3:]
+            expected = sum(float(log_probs[len(prefix) - 1 + j, t]) for j, t in enumerate(ids))
+            assert float(scores[b, c]) == pytest.approx(expected, abs=1e-4)
+            fact = multi_token.Fact(subject=subject, object=candidates[c])
+            with torch.no_grad():
+                assert float(scorer.loss([fact])) == pytest.approx(-expected, abs=1e-4)
+    with pytest.raises(ValueError, match="up to \\[Y\\]"):
+        multi_token.CausalPeerScorer(model, tokenizer, "[Y] is where [X] was born .", 3, batch_size=2)
+
+
+def test_the_benchmark_takes_a_causal_model_with_the_same_flags(multi_token, causal_dir, tmp_path):
+    argv = [
+        "--model_name_or_path", causal_dir, "--relations", "P36", "--max_train_samples", "12",
+        "--max_eval_samples", "10", "--num_train_epochs", "1", "--batch_size", "8",
+        "--peer_learning_rates", "0.01", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    report = multi_token.main(argv)
+    rows = [r.name for r in multi_token.SOFT_ROWS if r.name not in multi_token.MASKED_ONLY]
+    assert list(report["methods"]) == rows + [p.name for p in multi_token.PEERS]
+    assert report["settings"]["causal"] and report["test_facts"]["all"] == 10
+    for name, by_subset in report["methods"].items():
+        scores = by_subset["all"]["overall"]
+        assert 0.0 <= scores["macro_p@1"] <= scores["macro_p@10"] <= 1.0, name
+    assert [t["target"].split(" (")[0] for t in report["targets"]] == [
+        "soft_mixture >= 1.5 x manual",
+        "soft_mixture >= best tuned PEFT peer",
+        "soft_mixture >= best single soft prompt",
+    ]
+
+
+def test_the_single_token_benchmark_hands_a_causal_model_to_candidate_ranking(accuracy, causal_dir, tmp_path):
+    argv = [
+        "--model_name_or_path", causal_dir, "--relations", "P36", "--max_train_samples", "12",
+        "--max_eval_samples", "10", "--num_train_epochs", "1", "--batch_size", "8",
+        "--peer_learning_rates", "0.01", "--peers_only", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    macro = accuracy.main(argv)
+    assert sorted(macro) == sorted(p.name for p in accuracy.PEERS)  # --peers_only: the soft rows left out
+    assert all(0.0 <= p1 <= 1.0 for p1 in macro.values())
+    assert (tmp_path / "accuracy_multi_token.json").is_file()
+    with pytest.raises(SystemExit, match="common vocabulary"):
+        accuracy.main([*argv, "--common_vocab"])
