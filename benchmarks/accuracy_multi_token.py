@@ -135,6 +135,7 @@ class Fitted:
     best_dev_p1: float
     test_ranks: torch.Tensor
     diverged: bool = False
+    other_ranks: torch.Tensor | None = None  # --both_scores: test ranks under the other score, the same model
 
 
 def ranks_of(scorer, facts: list[Fact], candidates: list[str]) -> torch.Tensor:
@@ -237,9 +238,14 @@ def run_soft(row: SoftRow, args: argparse.Namespace, data: RelationFacts, tokeni
         model, splits, training, accelerator, name=f"{row.name} {data.relation}", candidates=data.candidates
     )
     if row.train is None:
-        return Fitted(0, math.nan, trainer.evaluate("test").mixture.cpu())
-    result = trainer.train()
-    return Fitted(result.best_epoch, result.best_dev_p1, result.test.mixture.cpu())
+        fitted = Fitted(0, math.nan, trainer.evaluate("test").mixture.cpu())
+    else:
+        result = trainer.train()
+        fitted = Fitted(result.best_epoch, result.best_dev_p1, result.test.mixture.cpu())
+    if args.both_scores:  # the same trained model, its test candidates ranked by the other score
+        trainer.args.length_normalized = not args.length_normalized
+        fitted.other_ranks = trainer.evaluate("test").mixture.cpu()
+    return fitted
 
 
 def run_peer(peer: Peer, learning_rate: float, args: argparse.Namespace, data: RelationFacts, tokenizer) -> Fitted:
@@ -461,6 +467,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Rank candidates (and decoded answers) by log p(c|x) / (its tokens) instead of log p(c|x).",
     )
+    parser.add_argument(
+        "--both_scores",
+        action="store_true",
+        help="Also rank each soft row's test candidates by the other score (log p(c|x) / n, or log p(c|x) with "
+        "--length_normalized) with the same trained model: rows named '<row> (log p / n)'; training and dev "
+        "selection use the main score.",
+    )
     parser.add_argument("--max_object_tokens", type=int, default=8, help="Leave out objects of more tokens.")
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--max_eval_samples", type=int, default=None)
@@ -525,6 +538,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         methods[row.name] = subset_scores(metric, {r: f.test_ranks for r, f in fitted.items()}, lengths)
         timings[row.name] = time.time() - t0
         progress(row.name)
+        if args.both_scores:
+            other = f"{row.name} ({'log p' if args.length_normalized else 'log p / n'})"
+            methods[other] = subset_scores(metric, {r: f.other_ranks for r, f in fitted.items()}, lengths)
+            timings[other] = 0.0
+            progress(other)
 
     if "xfactr_decoding" not in args.skip and decoding_available():
         t0 = time.time()

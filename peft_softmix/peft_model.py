@@ -386,3 +386,13 @@ class PeftModelForSoftMixture(AdapterFilesMixin, AdapterStateMixin, PeftModel):
         return score_candidates(
             self, subjects, candidates, adapter_names, batch_size, return_template_log_probs, causal_scoring
         )
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: PEFT's ``generate`` hands the call to the base model, which would answer without the soft prompts
+        (a causal LM) or has no ``generate`` (a masked LM). A mixture answers through `query`."""
+        raise NotImplementedError(
+            "generate() would run the base model without the adapter's soft prompts and mixture. Ask through the "
+            "adapter instead: model.query(subjects) decodes each subject's answers over the mixture of its templates "
+            "(a causal LM: a beam search after the prompt, max_tokens=...), and model.query(subjects, "
+            "candidates=[...]) or model.score_candidates(subjects, candidates) ranks given objects."
+        )

@@ -275,6 +275,16 @@ def test_query_on_a_causal_adapter_decodes_or_ranks(causal_model):
         causal_model.query(["Dante"], candidate_ids=[1, 2])
 
 
+def test_generate_is_refused_with_the_way_to_ask_instead(causal_model, tokenizer_dir, base):
+    """PEFT's generate would run the base model without the soft prompts: a silent wrong answer on a causal LM."""
+    ids = AutoTokenizer.from_pretrained(tokenizer_dir)(["Dante was born in"], return_tensors="pt")
+    with pytest.raises(NotImplementedError, match=r"query\(subjects\)"):
+        causal_model.generate(**ids, max_new_tokens=2)
+    masked = get_peft_model(base, SoftMixtureConfig(templates=TEMPLATES[:1]))  # a masked LM has no generate at all
+    with pytest.raises(NotImplementedError, match="score_candidates"):
+        masked.generate(input_ids=ids["input_ids"])
+
+
 def test_a_candidate_too_long_for_the_models_positions_is_named(causal_model):
     from peft_softmix.errors import QueryTooLongError
 

@@ -52,7 +52,10 @@ NO_TENSOR_OUTPUT = (
     "ModelOutput that allclose refuses; PEFT runs it on generative models only. The disabled adapter is tested in "
     "tests/test_core.py (test_disable_adapter_is_the_uniform_hard_mixture)"
 )
-NO_GENERATE = "SOFT_MIXTURE queries masked LMs at the [Y] mask; it has no generation"
+NO_GENERATE = (
+    "generate() is refused with a message naming query(): PEFT hands it to the base model, which would answer "
+    "without the soft prompts; tests/test_causal.py checks the refusal and the decoding query() does instead"
+)
 NO_MIXED_BATCH = "per-row adapter_names apply to LoRA-like layers; a prompt-learning adapter is one per batch"
 
 
