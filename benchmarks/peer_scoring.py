@@ -88,34 +88,18 @@ class PeerScorer:
         return out
 
 
-class CausalPeerScorer:
+class CausalPeerScorer(PeerScorer):
     """A PEFT prompt-learning model on a causal LM: its virtual tokens, then the manual template's words up to
     ``[Y]`` with the subject in; log p(c|x) = sum_j log p(c_j | prompt, c_<j), the chain rule the soft prompts'
     prefix scoring uses. Candidates continue each prompt's key/value cache, as the library's ranking does."""
 
-    def __init__(
-        self,
-        peft_model,
-        tokenizer,
-        template: str,
-        num_virtual_tokens: int,
-        batch_size: int,
-        length_normalized: bool = False,
-    ):
+    def __init__(self, peft_model, tokenizer, template: str, *args, **kwargs):
         if "[Y]" not in template or template.index("[X]") > template.index("[Y]"):
             raise ValueError(f"A causal peer reads the template up to [Y], after [X]; {template!r} is not so.")
-        self.model, self.tokenizer = peft_model, tokenizer
+        super().__init__(peft_model, tokenizer, template, *args, **kwargs)
         self.prompt_template = template[: template.index("[Y]")].rstrip()
-        self.shift, self.batch_size = num_virtual_tokens, batch_size
-        self.length_normalized = length_normalized
         self.base = peft_model.get_base_model()
         self.cache_name = cache_argument(peft_model)
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def train(self, mode: bool) -> None:
-        self.model.train(mode)
 
     def _prompt_ids(self, subject: str) -> list[int]:
         return self.tokenizer(self.prompt_template.replace("[X]", subject))["input_ids"]
