@@ -300,9 +300,9 @@ def write_model_card(out_dir, info: dict) -> None:
         f"\n**Not yet a good probe LM.** Its mean corpus recall is {recall:.2f}, short of the 0.85 aimed at (the "
         f"first probe LM: 0.91), after {training['epochs']} epochs of pretraining (the first probe LM had 7.5). "
         f"Recall falls with the share of objects of several tokens ({spread}): objects of one token are known far "
-        "better than objects of several, so prompts can be compared on every relation but multi-token facts are "
-        "known for few subjects. A wider model (within the 12 MB limit) or longer training on a GPU may close the "
-        "gap (not measured).\n"
+        "better than objects of several, so prompts can be compared on every relation, but multi-token facts are "
+        "known for far fewer subjects. A wider model (within the 12 MB limit) or longer training on a GPU may close "
+        "the gap (not measured).\n"
         if recall < 0.85
         else ""
     )
