@@ -170,19 +170,20 @@ def test_the_benchmark_takes_a_causal_model_with_the_same_flags(multi_token, cau
     argv = [
         "--model_name_or_path", causal_dir, "--relations", "P36", "--max_train_samples", "12",
         "--max_eval_samples", "10", "--num_train_epochs", "1", "--batch_size", "8",
-        "--peer_learning_rates", "0.01", "--output_dir", str(tmp_path),
+        "--peer_learning_rates", "0.01", "--output_dir", str(tmp_path), "--paraphrase_mixture",
     ]  # fmt: skip
     report = multi_token.main(argv)
     rows = [r.name for r in multi_token.SOFT_ROWS if r.name not in multi_token.MASKED_ONLY]
+    rows.append("soft_mixture_paraphrase")
     assert list(report["methods"]) == rows + [p.name for p in multi_token.PEERS]
     assert report["settings"]["causal"] and report["test_facts"]["all"] == 10
     for name, by_subset in report["methods"].items():
         scores = by_subset["all"]["overall"]
         assert 0.0 <= scores["macro_p@1"] <= scores["macro_p@10"] <= 1.0, name
     assert [t["target"].split(" (")[0] for t in report["targets"]] == [
-        "soft_mixture >= 1.5 x manual",
-        "soft_mixture >= best tuned PEFT peer",
-        "soft_mixture >= best single soft prompt",
+        f"{mixture} >= {goal}"
+        for mixture in ("soft_mixture", "soft_mixture_paraphrase")
+        for goal in ("1.5 x manual", "best tuned PEFT peer", "best single soft prompt")
     ]
 
 
