@@ -535,13 +535,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = Accelerator()
     methods: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
+    dev_p1: dict[str, float] = {}
 
     def progress(name: str) -> None:
         value = macro_p1(methods, name, "all")
         multi = macro_p1(methods, name, "multi")
+        dev = f"  dev {pct(dev_p1[name]):>5}" if name in dev_p1 else ""
         print(
-            f"[{time.time() - start:7.0f}s] {name:<34} macro P@1 all {pct(value):>5}  multi-token {pct(multi):>5}  "
-            f"({timings[name]:.0f}s)",
+            f"[{time.time() - start:7.0f}s] {name:<34} macro P@1 all {pct(value):>5}  multi-token {pct(multi):>5}"
+            f"{dev}  ({timings[name]:.0f}s)",
             flush=True,
         )
 
@@ -554,6 +556,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fitted = {rel: run_soft(row, args, d, tokenizer, accelerator) for rel, d in data.items()}
         methods[row.name] = subset_scores(metric, {r: f.test_ranks for r, f in fitted.items()}, lengths)
         timings[row.name] = time.time() - t0
+        if row.train is not None:  # the dev P@1 of the kept epochs: what picks among trained rows without test
+            dev_p1[row.name] = sum(f.best_dev_p1 for f in fitted.values()) / len(fitted)
         progress(row.name)
         if args.both_scores:
             other = f"{row.name} ({'log p' if args.length_normalized else 'log p / n'})"
@@ -617,6 +621,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peer_sweeps": sweeps,
         "targets": targets,
         "macro_p@1": {name: {s: macro_p1(methods, name, s) for s in SUBSETS} for name in methods},
+        "dev_macro_p@1": dev_p1,  # trained soft rows: the macro dev P@1 of the epochs kept
     }
     print()
     print(

@@ -177,6 +177,9 @@ def test_the_benchmark_takes_a_causal_model_with_the_same_flags(multi_token, cau
     rows.append("soft_mixture_paraphrase")
     assert list(report["methods"]) == rows + [p.name for p in multi_token.PEERS]
     assert report["settings"]["causal"] and report["test_facts"]["all"] == 10
+    trained = ["manual_soft", "manual_soft_deep", "soft_mixture", "soft_mixture_paraphrase"]
+    assert sorted(report["dev_macro_p@1"]) == sorted(trained)  # what picks among them without the test facts
+    assert all(0.0 <= p1 <= 1.0 for p1 in report["dev_macro_p@1"].values())
     for name, by_subset in report["methods"].items():
         scores = by_subset["all"]["overall"]
         assert 0.0 <= scores["macro_p@1"] <= scores["macro_p@10"] <= 1.0, name
