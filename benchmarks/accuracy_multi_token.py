@@ -38,6 +38,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -381,11 +382,11 @@ def _target(text: str, value: float | None, goal: float | None) -> dict[str, Any
     return {"target": text, "value": value, "goal": goal, "met": value >= goal - 1e-12 and value > 0}
 
 
-def best_peer(methods: dict[str, Any]) -> tuple[str | None, float | None]:
-    """The tuned PEFT peer with the best macro test P@1 over all facts, and that P@1."""
-    peers = {p.name: macro_p1(methods, p.name, "all") for p in PEERS if p.name in methods}
-    name = max((n for n in peers if peers[n] is not None), key=lambda n: peers[n], default=None)  # type: ignore
-    return name, None if name is None else peers[name]
+def best_of(methods: dict[str, Any], names: Iterable[str]) -> tuple[str | None, float | None]:
+    """Of the rows ``names`` that were run, the one with the best macro test P@1 over all facts, and that P@1."""
+    scored = {n: p1 for n in names if (p1 := macro_p1(methods, n, "all")) is not None}
+    name = max(scored, key=scored.__getitem__, default=None)
+    return name, None if name is None else scored[name]
 
 
 def plus(value: float | None, points: float) -> float | None:
@@ -396,45 +397,43 @@ def check_causal_targets(methods: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue #18's targets on a causal LM (macro test P@1 over all facts, by candidate ranking), for each soft
     mixture row present."""
     manual = macro_p1(methods, "manual", "all")
-    peer, peer_p1 = best_peer(methods)
-    singles = {n: macro_p1(methods, n, "all") for n in ("manual_soft", "manual_soft_deep") if n in methods}
-    single = max((n for n in singles if singles[n] is not None), key=lambda n: singles[n], default=None)  # type: ignore
+    peer, peer_p1 = best_of(methods, (p.name for p in PEERS))
+    single, single_p1 = best_of(methods, ("manual_soft", "manual_soft_deep"))
     found = []
     for name in ("soft_mixture", PARAPHRASE_ROW.name):
         mix = macro_p1(methods, name, "all")
         found += [
             _target(f"{name} >= 1.5 x manual", mix, None if manual is None else 1.5 * manual),
             _target(f"{name} >= best tuned PEFT peer ({peer}) + 5 points", mix, plus(peer_p1, 0.05)),
-            _target(f"{name} >= best single soft prompt ({single})", mix, singles.get(single or "")),
+            _target(f"{name} >= best single soft prompt ({single})", mix, single_p1),
         ]
     return [t for t in found if t is not None]
 
 
 def check_targets(methods: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue #17's targets (macro test P@1 by candidate ranking)."""
-    target = _target
     mix = "soft_mixture"
     manual = macro_p1(methods, "manual", "multi")
     hard = macro_p1(methods, "mined_hard_mixture", "multi")
-    best_peer_name, best_peer_p1 = best_peer(methods)
+    best_peer_name, best_peer_p1 = best_of(methods, (p.name for p in PEERS))
     single_only = macro_p1(methods, "soft_mixture_single_token_train", "single")
     found = [
-        target(
+        _target(
             "multi-token facts: soft_mixture >= 1.5 x manual",
             macro_p1(methods, mix, "multi"),
             None if manual is None else 1.5 * manual,
         ),
-        target(
+        _target(
             "multi-token facts: soft_mixture >= mined_hard_mixture (untrained) + 10 points",
             macro_p1(methods, mix, "multi"),
             None if hard is None else hard + 0.10,
         ),
-        target(
+        _target(
             f"all facts: soft_mixture >= best tuned PEFT peer ({best_peer_name}) + 5 points",
             macro_p1(methods, mix, "all"),
             None if best_peer_p1 is None else best_peer_p1 + 0.05,
         ),
-        target(
+        _target(
             "single-token facts: soft_mixture within 1 point of (or above) soft_mixture_single_token_train",
             macro_p1(methods, mix, "single"),
             None if single_only is None else single_only - 0.01,
