@@ -633,8 +633,7 @@ def causal_benchmark(args: argparse.Namespace) -> dict[str, float]:
     argv = [f"--{name}={getattr(args, name)}" for name in flags if getattr(args, name) is not None]
     argv += ["--peer_learning_rates", *map(str, args.peer_learning_rates)]
     argv += ["--quick"] * args.quick + ["--verbose"] * args.verbose
-    if args.peers_only:
-        argv += ["--skip", "manual", "mined_hard_mixture", "manual_soft", "manual_soft_deep", "soft_mixture"]
+    argv += ["--peers_only"] * args.peers_only
     print(f"{args.model_name_or_path} is a causal LM: ranking candidates with benchmarks/accuracy_multi_token.py.")
     subprocess.run([sys.executable, str(BENCHMARKS / "accuracy_multi_token.py"), *argv], check=True)
     report = json.loads((Path(args.output_dir) / "accuracy_multi_token.json").read_text())

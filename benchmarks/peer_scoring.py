@@ -4,11 +4,9 @@ rule after the template's words up to ``[Y]`` (causal LMs) — the scores the so
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from peft_softmix.causal_ranking import cache_argument, cache_of
+from peft_softmix.causal_ranking import cache_argument, score_after_prompts
 from peft_softmix.facts import Fact
 from peft_softmix.objects import object_tokens
 
@@ -91,7 +89,8 @@ class PeerScorer:
 class CausalPeerScorer(PeerScorer):
     """A PEFT prompt-learning model on a causal LM: its virtual tokens, then the manual template's words up to
     ``[Y]`` with the subject in; log p(c|x) = sum_j log p(c_j | prompt, c_<j), the chain rule the soft prompts'
-    prefix scoring uses. Candidates continue each prompt's key/value cache, as the library's ranking does."""
+    prefix scoring uses. Candidates continue each prompt's key/value cache through the library's
+    `peft_softmix.causal_ranking.score_after_prompts`, as the soft prompts' ranking does."""
 
     def __init__(self, peft_model, tokenizer, template: str, *args, **kwargs):
         if "[Y]" not in template or template.index("[X]") > template.index("[Y]"):
@@ -104,15 +103,22 @@ class CausalPeerScorer(PeerScorer):
     def _prompt_ids(self, subject: str) -> list[int]:
         return self.tokenizer(self.prompt_template.replace("[X]", subject))["input_ids"]
 
-    def _forward(self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, **kwargs):
-        """The base model on PEFT's virtual tokens (positions 0..P-1) and then ``ids`` (at ``positions`` + P)."""
+    def _forward(self, ids, roles, attention_mask, position_ids, cache=None):
+        """A `peft_softmix.causal_ranking.CausalForward`: PEFT's virtual tokens at positions 0..P-1 and then ``ids``
+        (at ``position_ids`` + P); a continuation (``cache``) finds the virtual tokens in the cache."""
         B, P = ids.shape[0], self.shift
         device = next(self.base.parameters()).device
+        ids, position_ids = ids.to(device), position_ids.to(device)
+        attention = torch.cat([torch.ones(B, P, dtype=torch.long, device=device), attention_mask.to(device)], dim=1)
+        if cache is not None:
+            return self.base(
+                input_ids=ids, attention_mask=attention, position_ids=position_ids + P, use_cache=True,
+                **{self.cache_name: cache},
+            )  # fmt: skip
         prompts = self.model.get_prompt(batch_size=B).to(self.base.dtype)
-        embeds = torch.cat([prompts, self.base.get_input_embeddings()(ids.to(device))], dim=1)
-        attention = torch.cat([torch.ones(B, P, dtype=torch.long), attention], dim=1).to(device)
-        positions = torch.cat([torch.arange(P).expand(B, P), positions + P], dim=1).to(device)
-        return self.base(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, **kwargs)
+        embeds = torch.cat([prompts, self.base.get_input_embeddings()(ids)], dim=1)
+        positions = torch.cat([torch.arange(P, device=device).expand(B, P), position_ids + P], dim=1)
+        return self.base(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True)
 
     def loss(self, facts: list[Fact]) -> torch.Tensor:
         rows = [(self._prompt_ids(f.subject), object_tokens(self.tokenizer, f.object, exact=True)) for f in facts]
@@ -124,7 +130,9 @@ class CausalPeerScorer(PeerScorer):
             ids[b, : len(prompt) + len(obj)] = torch.tensor(prompt + list(obj))
             attention[b, : len(prompt) + len(obj)] = 1
             targets[b, len(prompt) : len(prompt) + len(obj)] = True
-        logits = self._forward(ids, attention, torch.arange(S).expand(len(rows), S)).logits[:, self.shift :]
+        logits = self._forward(ids, torch.full_like(ids, -1), attention, torch.arange(S).expand(len(rows), S)).logits[
+            :, self.shift :
+        ]
         log_probs = logits[:, :-1].float().log_softmax(-1)  # position s predicts token s + 1
         gold = log_probs.gather(2, ids[:, 1:].to(log_probs.device)[..., None]).squeeze(2)
         return -(gold * targets[:, 1:].to(gold.device)).sum(1).mean()
@@ -132,49 +140,12 @@ class CausalPeerScorer(PeerScorer):
     @torch.no_grad()
     def scores(self, subjects: list[str], candidates: list[str]) -> torch.Tensor:
         tokens = [object_tokens(self.tokenizer, c, exact=True) for c in candidates]
+        lengths = torch.tensor([len(t) for t in tokens], dtype=torch.float)
+        device = next(self.base.parameters()).device
         out = torch.empty(len(subjects), len(candidates))
         for start in range(0, len(subjects), self.batch_size):
             chunk = subjects[start : start + self.batch_size]
-            out[start : start + len(chunk)] = self._score_chunk(chunk, tokens)
-        return out
-
-    def _score_chunk(self, subjects: list[str], tokens: list[tuple[int, ...]]) -> torch.Tensor:
-        prompts = [self._prompt_ids(s) for s in subjects]
-        B, P = len(prompts), max(len(p) for p in prompts)
-        ids = torch.zeros(B, P, dtype=torch.long)  # padded on the left, so that candidates start together
-        attention = torch.zeros(B, P, dtype=torch.long)
-        for b, prompt in enumerate(prompts):
-            ids[b, P - len(prompt) :] = torch.tensor(prompt)
-            attention[b, P - len(prompt) :] = 1
-        positions = (attention.cumsum(1) - 1).clamp(min=0)
-        out = self._forward(ids, attention, positions, use_cache=True)
-        cache, first = cache_of(out), out.logits[:, -1].float().log_softmax(-1).cpu()  # [B, V]
-        lengths = attention.sum(1)
-        scores = torch.empty(B, len(tokens))
-        by_length: dict[int, list[int]] = {}
-        for c, ids_c in enumerate(tokens):
-            by_length.setdefault(len(ids_c), []).append(c)
-        for n, columns in sorted(by_length.items()):
-            candidate_ids = torch.tensor([tokens[c] for c in columns])  # [C_n, n]
-            total = first.index_select(1, candidate_ids[:, 0])  # [B, C_n]
-            step = max(1, 4096 // B)  # candidates per continuation pass
-            for c0 in range(0, len(columns) if n > 1 else 0, step):
-                part = candidate_ids[c0 : c0 + step]
-                C = part.shape[0]
-                expanded = copy.deepcopy(cache)
-                expanded.batch_repeat_interleave(C)
-                more = torch.cat([attention.repeat_interleave(C, 0), torch.ones(B * C, n, dtype=torch.long)], 1)
-                where = lengths.repeat_interleave(C)[:, None] + torch.arange(n) + self.shift
-                device = next(self.base.parameters()).device
-                logits = self.base(
-                    input_ids=part.repeat(B, 1).to(device),
-                    attention_mask=torch.cat([torch.ones(B * C, self.shift, dtype=torch.long), more], 1).to(device),
-                    position_ids=where.to(device),
-                    use_cache=True,
-                    **{self.cache_name: expanded},
-                ).logits
-                follow = logits[:, :-1].float().log_softmax(-1).cpu()  # token j predicts token j + 1
-                gathered = follow.gather(2, part.repeat(B, 1)[:, 1:, None]).squeeze(2).sum(1)
-                total[:, c0 : c0 + C] += gathered.view(B, C)
-            scores[:, columns] = total / n if self.length_normalized else total
-        return scores
+            # (token id, role): no template roles here, the peer's prompt is its virtual tokens
+            prompts = [torch.tensor([(i, -1) for i in self._prompt_ids(s)]) for s in chunk]
+            out[start : start + len(chunk)] = score_after_prompts(self._forward, prompts, tokens, device).cpu()
+        return out / lengths if self.length_normalized else out

@@ -18,9 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
-from .causal_ranking import _run, cache_argument, cache_of
+from .causal_ranking import adapter_forward, cache_of, left_padded
 from .objects import object_first, require_prompt
 
 __all__ = ["decode_causal"]
@@ -66,18 +65,10 @@ def decode_causal(
     banned = torch.tensor(sorted(set(ends) | set(tokenizer.all_special_ids)), device=device)
     weights = model._encoder(name).log_weights().to(device)[torch.tensor(proposing, device=device)]
     weights = weights - torch.logsumexp(weights, 0)  # the proposing templates' share of the mixture
-    lengths = torch.tensor([r.shape[0] for r in rows], device=device)
-    P = int(lengths.max())
-    flipped = pad_sequence([r.flip(0) for r in rows], batch_first=True, padding_value=-1).flip(1).to(device)
-    mask = (torch.arange(P, device=device) >= P - lengths[:, None]).long()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = flipped[..., 0].masked_fill(mask == 0, pad)
-    roles = flipped[..., 1].masked_fill(mask == 0, -1)
-    adapter = None if model._adapters_disabled else name
-    out = _run(
-        model, adapter, ids, roles,
-        attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True,
-    )  # fmt: skip
+    ids, roles, mask = left_padded(rows, pad, device)
+    forward = adapter_forward(model, None if model._adapters_disabled else name)
+    out = forward(ids, roles, mask, (mask.cumsum(1) - 1).clamp(min=0))
     cache = cache_of(out)
     next_log_probs = out.logits[:, -1].float().log_softmax(-1).view(B, 1, K, -1)  # [B, beams, K, V]
     end_ids = torch.tensor(ends, device=device).view(B, 1, K, 1)
@@ -110,11 +101,7 @@ def decode_causal(
         cache.batch_select_indices(rows)
         mask = torch.cat([mask.index_select(0, rows), mask.new_ones(rows.shape[0], 1)], dim=1)
         step_ids = tokens.unsqueeze(-1).expand(-1, -1, K).reshape(-1, 1)
-        out = _run(
-            model, None, step_ids, torch.full_like(step_ids, -1),
-            attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1, use_cache=True,
-            **{cache_argument(model): cache},
-        )  # fmt: skip
+        out = forward(step_ids, torch.full_like(step_ids, -1), mask, mask.sum(1, keepdim=True) - 1, cache)
         cache = cache_of(out)
         next_log_probs = out.logits[:, -1].float().log_softmax(-1).view(B, -1, K, V)
     return [sorted(found.items(), key=lambda item: -item[1]) for found in finished]

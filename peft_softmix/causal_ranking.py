@@ -9,6 +9,9 @@ mixture log p(c|x) = logsumexp_k(log pi_k + log p_k(c|x)).
 
 Prompts are padded on the left, so that every row's continuation starts at the same place; position ids count real
 tokens only. One adapter at a time (`score_candidates` groups subjects by adapter).
+
+`score_after_prompts` does the prompt pass and the continuations for any `CausalForward`: the adapter's
+(`adapter_forward`), or another prompt method's, which then scores its candidates by the same code.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import copy
 import inspect
 from collections.abc import Sequence
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -28,7 +31,7 @@ from .mixture import FactGroups, mix_rows
 from .objects import require_prompt, whole_sentence
 from .processing import SoftMixtureProcessor
 
-__all__ = ["score_causal_candidates"]
+__all__ = ["CausalForward", "adapter_forward", "left_padded", "score_after_prompts", "score_causal_candidates"]
 
 # the [rows, positions, vocabulary] logits of one continuation pass, in floats (2**27: 512 MB)
 _MAX_LOGITS = 2**27
@@ -98,13 +101,13 @@ def score_causal_candidates(
                     "candidates that long); peft_softmix.relations.drop_long_queries does it for a relation's data."
                 )
     pad = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
-    adapter = None if disabled else name
+    forward = adapter_forward(model, None if disabled else name)
     per_row = torch.empty(N, len(tokens), device=device)
     # one template at a time: its rows' continuations have one suffix length (none for prefix scoring), so that no
     # row is padded to another template's whole sentence
     for k in range(K):
         rows = torch.arange(k, N, K, device=device)
-        per_row[rows] = _score_rows(model, adapter, prefixes[k::K], suffixes[k::K], tokens, pad, limit)
+        per_row[rows] = score_after_prompts(forward, prefixes[k::K], tokens, device, suffixes[k::K], pad, limit)
     if disabled:
         log_weights = torch.full((N,), -torch.log(torch.tensor(float(K))).item(), device=device)
     else:
@@ -113,31 +116,77 @@ def score_causal_candidates(
     return mix_rows(per_row, log_weights, groups), per_row, log_weights
 
 
-def _score_rows(
-    model: Any,
-    adapter: str | None,
-    prefixes: list[torch.Tensor],
-    suffixes: list[torch.Tensor],
-    tokens: Sequence[tuple[int, ...]],
-    pad: int,
-    limit: int | None,
-) -> torch.Tensor:
-    """``[R, C]`` log p_k of every candidate after each of R prompts (and its suffix): one pass of the prompts, then
-    one continuation pass per candidate length (or per chunk of its candidates)."""
-    device = model.embedding_device
-    R = len(prefixes)
-    # the prompts, padded on the left: [R, P]
-    lengths = torch.tensor([p.shape[0] for p in prefixes], device=device)
+class CausalForward(Protocol):
+    """A causal LM's forward as `score_after_prompts` calls it: ``ids`` ``[B, S]`` (with ``roles``, each position's
+    template role or -1) under ``attention_mask`` and ``position_ids``; without ``cache`` the prompts' pass, which
+    must return its key/value cache, with ``cache`` a continuation of it (``attention_mask`` then covers the
+    cached positions too). Returns the model's output (``logits``, and the cache)."""
+
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        roles: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any = None,
+    ) -> Any: ...
+
+
+def adapter_forward(model: Any, adapter: str | None) -> CausalForward:
+    """The `CausalForward` of a `PeftModelForSoftMixture` with adapter ``adapter``'s soft words and deep offsets
+    (None: the hard templates)."""
+    argument = cache_argument(model)
+
+    def forward(
+        ids: torch.Tensor,
+        roles: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any = None,
+    ) -> Any:
+        extra = {} if cache is None else {argument: cache}
+        return _run(
+            model, adapter, ids, roles,
+            attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra,
+        )  # fmt: skip
+
+    return forward
+
+
+def left_padded(
+    rows: Sequence[torch.Tensor], pad: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows`` (``[L, 2]`` tensors of token id and template role) padded on the left, so that whatever follows
+    them starts at one place: ``([R, P] ids, [R, P] roles (-1 in the padding), [R, P] attention mask)``. Position
+    ids count real tokens only: ``(mask.cumsum(1) - 1).clamp(min=0)``."""
+    lengths = torch.tensor([r.shape[0] for r in rows], device=device)
     P = int(lengths.max())
-    flipped = pad_sequence([p.flip(0) for p in prefixes], batch_first=True, padding_value=-1).flip(1).to(device)
-    prompt_mask = (torch.arange(P, device=device) >= P - lengths[:, None]).long()
-    prompt_ids = flipped[..., 0].masked_fill(prompt_mask == 0, pad)
-    prompt_roles = flipped[..., 1].masked_fill(prompt_mask == 0, -1)
-    prompt_positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    out = _run(
-        model, adapter, prompt_ids, prompt_roles,
-        attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True,
-    )  # fmt: skip
+    flipped = pad_sequence([r.flip(0) for r in rows], batch_first=True, padding_value=-1).flip(1).to(device)
+    mask = (torch.arange(P, device=device) >= P - lengths[:, None]).long()
+    return flipped[..., 0].masked_fill(mask == 0, pad), flipped[..., 1].masked_fill(mask == 0, -1), mask
+
+
+def score_after_prompts(
+    forward: CausalForward,
+    prefixes: Sequence[torch.Tensor],
+    tokens: Sequence[tuple[int, ...]],
+    device: torch.device | str,
+    suffixes: Sequence[torch.Tensor] | None = None,
+    pad: int = 0,
+    limit: int | None = None,
+) -> torch.Tensor:
+    """``[R, C]`` log p of every candidate (``tokens``, exact ids) after each of R prompts, by the chain rule:
+    sum_j log p(c_j | prompt, c_<j), plus each row's suffix tokens after the candidate when ``suffixes`` are given.
+
+    ``prefixes`` and ``suffixes`` are ``[L, 2]`` tensors of (token id, template role or -1). One pass of the prompts
+    (padded on the left, position ids counting real tokens), then one continuation of their key/value cache per
+    candidate length (or per chunk of its candidates); a one-token candidate with no suffix costs no continuation.
+    """
+    R = len(prefixes)
+    after = list(suffixes) if suffixes is not None else [torch.zeros(0, 2, dtype=torch.long)] * R
+    prompt_ids, prompt_roles, prompt_mask = left_padded(prefixes, pad, device)
+    lengths = prompt_mask.sum(1)
+    out = forward(prompt_ids, prompt_roles, prompt_mask, (prompt_mask.cumsum(1) - 1).clamp(min=0))
     cache = cache_of(out)
     first_log_probs = out.logits[:, -1].float().log_softmax(-1)  # [R, V]: each candidate's first token
     scores = torch.empty(R, len(tokens), device=device)
@@ -146,7 +195,7 @@ def _score_rows(
         by_length.setdefault(len(ids), []).append(c)
     for n, columns in sorted(by_length.items()):
         candidate_ids = torch.tensor([tokens[c] for c in columns], device=device)  # [C_n, n]
-        S = n + max(s.shape[0] for s in suffixes)
+        S = n + max(s.shape[0] for s in after)
         if S == 1:  # one-token candidates, nothing after them: the prompt's last logits score them all
             scores[:, columns] = first_log_probs.index_select(1, candidate_ids[:, 0])
             continue
@@ -156,14 +205,13 @@ def _score_rows(
         for start in range(0, len(columns), chunk):
             part = candidate_ids[start : start + chunk]
             scores[:, columns[start : start + chunk]] = _continue(
-                model, adapter, cache, first_log_probs, prompt_mask, lengths, part, suffixes, pad, limit
+                forward, cache, first_log_probs, prompt_mask, lengths, part, after, pad, limit
             )
     return scores
 
 
 def _continue(
-    model: Any,
-    adapter: str | None,
+    forward: CausalForward,
     cache: Any,
     first_log_probs: torch.Tensor,
     prompt_mask: torch.Tensor,
@@ -173,7 +221,7 @@ def _continue(
     pad: int,
     limit: int | None,
 ) -> torch.Tensor:
-    """``[N, C]`` log p_k of ``candidate_ids`` (``[C, n]``, and each row's suffix after them) from the prompts'
+    """``[N, C]`` log p of ``candidate_ids`` (``[C, n]``, and each row's suffix after them) from the prompts'
     cache: the continuation rows are (row, candidate) pairs, row-major, built as one tensor."""
     device = candidate_ids.device
     (C, n), N = candidate_ids.shape, len(suffixes)
@@ -194,10 +242,7 @@ def _continue(
     positions = prompt_lengths.repeat_interleave(C)[:, None] + torch.arange(S, device=device)
     if limit is not None:  # padding after a short row may run past the model's positions; its logits go unread
         positions = positions.clamp(max=limit - 1)
-    logits = _run(
-        model, adapter, ids, roles,
-        attention_mask=attention, position_ids=positions, use_cache=True, **{cache_argument(model): expanded},
-    ).logits  # fmt: skip
+    logits = forward(ids, roles, attention, positions, expanded).logits
     log_probs = logits[:, :-1].float().log_softmax(-1)  # position j predicts token j + 1
     following = log_probs.gather(2, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask[:, 1:]
     first = first_log_probs.repeat_interleave(C, dim=0).gather(1, ids[:, :1]).squeeze(1)

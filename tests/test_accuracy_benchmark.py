@@ -117,6 +117,10 @@ def test_multi_token_benchmark_reports_every_row_split_by_object_length(multi_to
         kept = next(p for p in sweep["points"] if p["learning_rate"] == sweep["kept_learning_rate"])
         assert report["methods"][name] == kept["test"]
     assert len(report["targets"]) == 4
+    # the targets are the soft mixture's (shallow or deep) with the better dev P@1, against its own single-token twin
+    mix = max(multi_token.MIXTURE_ROWS, key=report["dev_macro_p@1"].__getitem__)
+    assert all(t["target"].split(": ")[1].startswith(f"{mix} ") for t in report["targets"])
+    assert report["targets"][3]["target"].endswith(f"{mix}_single_token_train")
     assert (tmp_path / "accuracy_multi_token.json").is_file()
 
 
@@ -177,7 +181,7 @@ def test_the_benchmark_takes_a_causal_model_with_the_same_flags(multi_token, cau
     rows.append("soft_mixture_paraphrase")
     assert list(report["methods"]) == rows + [p.name for p in multi_token.PEERS]
     assert report["settings"]["causal"] and report["test_facts"]["all"] == 10
-    trained = ["manual_soft", "manual_soft_deep", "soft_mixture", "soft_mixture_paraphrase"]
+    trained = ["manual_soft", "manual_soft_deep", "soft_mixture", "soft_mixture_deep", "soft_mixture_paraphrase"]
     assert sorted(report["dev_macro_p@1"]) == sorted(trained)  # what picks among them without the test facts
     assert all(0.0 <= p1 <= 1.0 for p1 in report["dev_macro_p@1"].values())
     for name, by_subset in report["methods"].items():

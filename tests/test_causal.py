@@ -176,6 +176,34 @@ def test_candidates_from_the_prompts_cache_score_as_the_full_forward(causal_mode
         assert torch.allclose(scores.log_probs[:, c], out.object_log_probs.detach(), atol=1e-4), candidate
 
 
+def test_scores_after_any_prompts_are_the_chain_rule_of_one_full_pass(tokenizer_dir):
+    # the public helper that other prompt methods (the benchmarks' PEFT peers) score candidates through: any
+    # forward, prompts of different lengths, candidates of 1 to 3 tokens
+    from peft_softmix.causal_ranking import score_after_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    base = tiny_causal("gpt2", len(tokenizer))
+
+    def forward(ids, roles, attention_mask, position_ids, cache=None):
+        extra = {} if cache is None else {"past_key_values": cache}
+        return base(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra)
+
+    # 9 and 8 tokens: the shorter prompt is padded on the left
+    prompts = [tokenizer(text)["input_ids"] for text in ("Dante was born in", "Kant was born in")]
+    candidates = [tuple(tokenizer(" " + c)["input_ids"][1:]) for c in ("Florence", "Ulm", "Paris")]
+    candidates.append(candidates[0] + candidates[1])  # two tokens
+    candidates.append(candidates[3] + candidates[2])  # three
+    rows = [torch.tensor([(i, -1) for i in prompt]) for prompt in prompts]
+    with torch.no_grad():
+        scores = score_after_prompts(forward, rows, candidates, "cpu", pad=tokenizer.pad_token_id)
+        for r, prompt in enumerate(prompts):
+            for c, ids in enumerate(candidates):
+                full = torch.tensor([prompt + list(ids)])
+                log_probs = base(input_ids=full).logits[0, :-1].log_softmax(-1)
+                expected = sum(float(log_probs[len(prompt) - 1 + j, t]) for j, t in enumerate(ids))
+                assert float(scores[r, c]) == pytest.approx(expected, abs=1e-4), (r, c)
+
+
 def test_beam_search_of_one_template_starts_from_the_models_next_token(tokenizer_dir):
     from peft_softmix.causal_decoding import causal_answers, decode_causal
 
