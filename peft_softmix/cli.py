@@ -260,7 +260,9 @@ def evaluate(
                 model, split, candidates, batch_size, length_normalized, progress=True
             )
         else:
-            result = evaluate_facts(model, split, common_vocab, batch_size)
+            from .file_evaluation import evaluate_facts
+
+            result = evaluate_facts(model, split, common_vocab, batch_size, progress=True)
         result = {"adapter": adapter, "facts_file": facts, **result}
     if as_json:
         _print_json(result)
@@ -286,85 +288,6 @@ def evaluate(
     left_out = {why: n for why, n in result["left_out"].items() if n}
     if left_out:
         out.print("left out: " + ", ".join(f"{n} ({why.replace('_', ' ')})" for why, n in left_out.items()))
-
-
-def evaluate_facts(model: Any, split: Any, common_vocab: str | None, batch_size: int) -> dict[str, Any]:
-    """Score ``model`` on the facts of ``split`` (a `FactSplit`); facts it cannot be asked are counted, not lost."""
-    from .batching import FactCollator, eval_dataloader, ranks_in_fact_order, subject_lengths
-    from .evaluation import evaluate_ranks, scores_from_metric
-    from .facts import facts_in_vocab, filter_single_token, filter_unknown_subjects
-    from .metrics import load_fact_retrieval
-    from .relations import candidate_mask
-
-    tok = model.tokenizer
-    facts, multi_token = filter_single_token(split.facts, tok)
-    facts, unknown = filter_unknown_subjects(facts, tok)
-    mask = None
-    not_in_vocab: list[Any] = []
-    if common_vocab is not None:
-        words, mask, _ = candidate_mask(tok, common_vocab, model.word_embeddings.num_embeddings)
-        facts, not_in_vocab = facts_in_vocab(facts, words)
-    too_long = []
-    if model.max_query_length is not None and facts:
-        lengths = model.query_lengths([f.subject for f in facts])
-        too_long = [f for f, n in zip(facts, lengths) if n > model.max_query_length]
-        facts = [f for f, n in zip(facts, lengths) if n <= model.max_query_length]
-    left_out = {
-        "object_not_one_token": len(multi_token),
-        "unknown_subject": len(unknown),
-        "object_not_in_common_vocab": len(not_in_vocab),
-        "query_too_long": len(too_long),
-    }
-    if not facts:
-        counts = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in left_out.items() if n)
-        raise CliError(f"No fact of {split.report.path} can be scored ({len(split.facts)} read; {counts or 'none'}).")
-    loader, order = eval_dataloader(
-        facts, lambda ordered: FactCollator(model, ordered), subject_lengths(tok, facts), batch_size, pin_memory=False
-    )
-    with _progress(loader, "Evaluating") as batches:
-        ranks = evaluate_ranks(model, batches, len(facts), candidate_mask=mask)
-    mixture = ranks_in_fact_order(ranks.mixture, order)
-    scores = scores_from_metric(load_fact_retrieval(), mixture.tolist(), split.relation or "facts")
-    return {
-        "p@1": scores["p@1"],
-        "p@10": scores["p@10"],
-        "mrr": scores["mrr"],
-        "facts": int(scores["count"]),
-        "loss": ranks.loss,
-        "read": len(split.facts),
-        "left_out": left_out,
-    }
-
-
-class _Tracked:
-    """An iterable that advances a rich progress bar (with ``len``, so the bar knows its end)."""
-
-    def __init__(self, iterable: Any, progress: Any, task: Any) -> None:
-        self.iterable, self.progress, self.task = iterable, progress, task
-
-    def __len__(self) -> int:
-        return len(self.iterable)
-
-    def __iter__(self) -> Iterator[Any]:
-        for item in self.iterable:
-            yield item
-            self.progress.advance(self.task)
-
-
-@contextmanager
-def _progress(iterable: Any, description: str) -> Iterator[_Tracked]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    ) as progress:
-        task = progress.add_task(description, total=len(iterable))
-        yield _Tracked(iterable, progress, task)
 
 
 # -- inspect ---------------------------------------------------------------------------------------------------

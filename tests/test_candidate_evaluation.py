@@ -286,3 +286,25 @@ def test_the_cli_evaluates_all_facts_by_candidate_ranking_split_by_length(peft_m
     candidates.write_text("Paris\nZürich\n", encoding="utf-8")
     bad = cli("--multi_token", "--candidates", candidates, "--device", "cpu")
     assert bad.exit_code == 1 and "line 2: 'Zürich'" in bad.output and "Traceback" not in bad.output
+
+
+def test_a_facts_file_is_scored_over_the_vocabulary_counting_what_is_left_out(peft_model, tmp_path):
+    # the single-token counterpart (what `peft-softmix evaluate` prints without --multi_token)
+    from peft_softmix.file_evaluation import evaluate_facts
+
+    pairs = [(f.subject, f.object) for f in FACTS]
+    split = load_facts(write_facts(tmp_path / "facts.jsonl", pairs))
+    result = evaluate_facts(peft_model, split, batch_size=2)
+    single = [f for f in FACTS if len(peft_model.tokenizer.tokenize(" " + f.object)) == 1]
+    assert result["left_out"]["object_not_one_token"] == len(FACTS) - len(single) > 0
+    assert result["facts"] == len(single) and result["read"] == len(FACTS)
+    # the same ranks as the model's own full-vocabulary distribution, fact by fact
+    hits = 0
+    for fact in single:
+        log_probs = peft_model(**peft_model.encode([fact.subject], [fact.object])).log_probs[0]
+        gold = peft_model.tokenizer.convert_tokens_to_ids(peft_model.tokenizer.tokenize(" " + fact.object))[0]
+        hits += int((log_probs > log_probs[gold]).sum() == 0)
+    assert result["p@1"] == pytest.approx(hits / len(single))
+    only_long = load_facts(write_facts(tmp_path / "long.jsonl", [("Dante", "India"), ("Ed", "Indias")]))
+    with pytest.raises(DataFormatError, match="No fact of .* can be scored .*2 object not one token"):
+        evaluate_facts(peft_model, only_long)
