@@ -7,11 +7,10 @@ its train, dev and test files. A candidate of n tokens is scored with n masks in
 log p(c_j|x) (`PeftModelForSoftMixture.score_candidates` for the soft prompts; the same sum for the PEFT peers).
 
 Rows: the hard manual template and the uniform mixture of the K mined templates (untrained), one soft prompt from
-the manual template (shallow and deep), the soft mixture of K prompts from the mined templates (shallow and deep),
-each also trained on single-token facts only (all of them trained by the library's `RelationTrainer` with
-``multi_token``), the
-X-FACTR-style decoding of the manual template without candidates (when ``peft_softmix.decoding`` is there), and
-PEFT's prompt tuning (text and vocabulary start) and P-tuning with the learning-rate sweep of ``accuracy.py``
+the manual template (shallow and deep), the soft mixture of K prompts from the mined templates (shallow and deep;
+each also trained on single-token facts only), all of them trained by the library's `RelationTrainer` with
+``multi_token``, the X-FACTR-style decoding of the manual template without candidates (`peft_softmix.decoding`),
+and PEFT's prompt tuning (text and vocabulary start) and P-tuning with the learning-rate sweep of ``accuracy.py``
 (trained by `fit`, the same optimiser, batches, epochs and dev selection). P@1 / P@10 / MRR are given over all
 test facts and split into single-token and multi-token facts, micro and macro, with the targets of issue #17 as
 met / not met for the soft mixture (shallow or deep) with the better dev P@1.
@@ -32,7 +31,6 @@ The masked-only rows (single-token training, X-FACTR mask filling) are left out.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import math
@@ -279,10 +277,6 @@ def run_peer(peer: Peer, learning_rate: float, args: argparse.Namespace, data: R
 
 
 NOT_DECODED = 10**6  # the rank of a gold object that decoding did not produce at all
-
-
-def decoding_available() -> bool:
-    return importlib.util.find_spec("peft_softmix.decoding") is not None
 
 
 def run_decoding(args: argparse.Namespace, data: RelationFacts, tokenizer) -> Fitted:
@@ -574,7 +568,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             timings[other] = 0.0
             progress(other)
 
-    if "xfactr_decoding" not in args.skip and decoding_available():
+    if "xfactr_decoding" not in args.skip:
         t0 = time.time()
         with quiet(out / "runs" / "xfactr_decoding" / "log.txt", args.verbose):
             fitted = {rel: run_decoding(args, d, tokenizer) for rel, d in data.items()}

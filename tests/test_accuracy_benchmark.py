@@ -101,9 +101,8 @@ def test_multi_token_benchmark_reports_every_row_split_by_object_length(multi_to
         "--peer_learning_rates", "0.01", "0.1", "--output_dir", str(tmp_path), "--both_scores",
     ]  # fmt: skip
     report = multi_token.main(argv)
-    decoding = ["xfactr_decoding"] if multi_token.decoding_available() else []
     soft = [name for r in multi_token.SOFT_ROWS for name in (r.name, f"{r.name} (log p / n)")]
-    rows = soft + decoding + [p.name for p in multi_token.PEERS]
+    rows = soft + ["xfactr_decoding"] + [p.name for p in multi_token.PEERS]
     assert list(report["methods"]) == rows
     facts = report["test_facts"]
     assert facts["multi"] > 0 and facts["single"] + facts["multi"] == facts["all"] == 10
