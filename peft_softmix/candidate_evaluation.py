@@ -241,11 +241,8 @@ def evaluate_facts_among_candidates(
         facts = [f for f, ok in zip(facts, fits) if ok]
     left_out = {"object_not_writable": unwritable, "unknown_subject": len(unknown), "query_too_long": too_long}
     if not facts:
-        counts = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in left_out.items() if n)
-        raise DataFormatError(
-            f"No fact of {split.report.path} can be scored ({len(split.facts)} read; {counts or 'none'})."
-            + (f" The model takes at most {limit} tokens per query." if too_long else "")
-        )
+        hint = f" The model takes at most {limit} tokens per query." if too_long else ""
+        raise split.nothing_to_score(left_out, hint)
     ranks = rank_facts(model, facts, pool, batch_size, length_normalized, progress)
     groups = [length_group(tokenizer, fact.object) for fact in facts]
     scores = scores_by_length(load_fact_retrieval(), ranks.mixture.tolist(), groups, split.relation or "facts")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -113,6 +113,12 @@ class FactSplit:
     @property
     def objects(self) -> list[str]:
         return [f.object for f in self.facts]
+
+    def nothing_to_score(self, left_out: Mapping[str, int], hint: str = "") -> DataFormatError:
+        """The error for a file of which no fact can be scored: how many were read, and why each was left out."""
+        counts = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in left_out.items() if n)
+        path = self.report.path
+        return DataFormatError(f"No fact of {path} can be scored ({len(self.facts)} read; {counts or 'none'}).{hint}")
 
 
 _BOM = "\ufeff"

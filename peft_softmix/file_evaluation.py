@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from .batching import FactCollator, eval_dataloader, ranks_in_fact_order, subject_lengths
-from .errors import DataFormatError
 from .evaluation import evaluate_ranks, scores_from_metric
 from .facts import FactSplit, facts_in_vocab, filter_single_token, filter_unknown_subjects
 from .metrics import load_fact_retrieval
@@ -53,10 +52,7 @@ def evaluate_facts(
         "query_too_long": len(too_long),
     }
     if not facts:
-        counts = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in left_out.items() if n)
-        raise DataFormatError(
-            f"No fact of {split.report.path} can be scored ({len(split.facts)} read; {counts or 'none'})."
-        )
+        raise split.nothing_to_score(left_out)
     loader, order = eval_dataloader(
         facts, lambda ordered: FactCollator(model, ordered), subject_lengths(tok, facts), batch_size, pin_memory=False
     )
