@@ -130,9 +130,8 @@ class CausalPeerScorer(PeerScorer):
             ids[b, : len(prompt) + len(obj)] = torch.tensor(prompt + list(obj))
             attention[b, : len(prompt) + len(obj)] = 1
             targets[b, len(prompt) : len(prompt) + len(obj)] = True
-        logits = self._forward(ids, torch.full_like(ids, -1), attention, torch.arange(S).expand(len(rows), S)).logits[
-            :, self.shift :
-        ]
+        out = self._forward(ids, torch.full_like(ids, -1), attention, torch.arange(S).expand(len(rows), S))
+        logits = out.logits[:, self.shift :]  # the virtual tokens' positions predict nothing of the object
         log_probs = logits[:, :-1].float().log_softmax(-1)  # position s predicts token s + 1
         gold = log_probs.gather(2, ids[:, 1:].to(log_probs.device)[..., None]).squeeze(2)
         return -(gold * targets[:, 1:].to(gold.device)).sum(1).mean()
